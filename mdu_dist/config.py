@@ -1,0 +1,215 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden from the command line with ``key.sub=value``.
+
+A config that does not validate fails here, before any process group is created, with one line naming the
+file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file, key and value."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a masked-diffusion backbone. ``arch`` selects the weight layout and the logit shift."""
+
+    arch: str = "llada"  # llada | dream
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 4  # == num_attention_heads for MHA (LLaDA); fewer for GQA (Dream)
+    ffn_hidden_size: int = 128
+    vocab_size: int = 512
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    max_position_embeddings: int = 4096
+    mask_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 1
+    # Megatron convention: the embedding/head rows are padded to a multiple of this times the TP size so
+    # every TP rank holds an equal, aligned vocab slice; padded logits are masked out of every loss.
+    make_vocab_size_divisible_by: int = 128
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+    def validate(self, where: str = "model") -> None:
+        from mdu_dist.models import ARCHS
+
+        if self.arch not in ARCHS:
+            raise ConfigError(f"{where}.arch={self.arch!r} is not a known backbone (known: {sorted(ARCHS)})")
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                     "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be positive")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{where}.hidden_size={self.hidden_size} is not divisible by "
+                              f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"{where}.num_attention_heads={self.num_attention_heads} is not divisible by "
+                              f"num_query_groups={self.num_query_groups}")
+        if self.head_dim % 2:
+            raise ConfigError(f"{where}: head dim {self.head_dim} must be even for RoPE")
+        for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. The data-parallel size is derived: world_size / (tensor * pipeline)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
+    seed: int = 1234
+
+    def validate(self, where: str = "parallel") -> None:
+        if self.tensor < 1 or self.pipeline < 1:
+            raise ConfigError(f"{where}: tensor={self.tensor} and pipeline={self.pipeline} must be >= 1")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"{where}.backend={self.backend!r} must be one of auto, nccl, gloo")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate()
+        check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
+
+
+def check_layout(model: ModelConfig, tp: int, pp: int) -> None:
+    """Refuse a TP/PP layout that cannot shard ``model``; naming the offending value."""
+    if model.num_attention_heads % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide num_attention_heads={model.num_attention_heads}")
+    if model.num_query_groups % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide the KV heads "
+                          f"(num_query_groups={model.num_query_groups})")
+    if model.ffn_hidden_size % tp:
+        raise ConfigError(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
+    if model.num_layers % pp:
+        raise ConfigError(f"parallel.pipeline={pp} does not divide num_layers={model.num_layers}")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, _, raw = text.partition("=")
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s} (known: {', '.join(sorted(fields))})")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>", cls: type = Config) -> Any:
+    tree = dict(data or {})
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value)
+    try:
+        cfg = _build(cls, tree, "")
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
+    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate; ``path=None`` starts from defaults."""
+    if path is None:
+        return config_from_dict({}, overrides, "<defaults>", cls)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return config_from_dict(data or {}, overrides, str(path), cls)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

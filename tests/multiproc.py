@@ -1,0 +1,64 @@
+"""Run a function in N CPU processes joined by a gloo group, the way torchrun would start them.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes with RANK/WORLD_SIZE/MASTER_* set,
+calls ``fn(*args)`` in each (``fn`` must be importable: defined at module level in a test file) and returns
+the list of per-rank return values. An exception in any rank fails the test with that rank's traceback.
+Each ``fn`` is responsible for its own ``torch.distributed`` set-up (usually ``mdu_dist.distributed.init``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    try:
+        for _ in range(world_size):
+            rank, status, value = queue.get(timeout=timeout)
+            (results if status == "ok" else errors)[rank] = value
+            if errors:
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        rank, tb = sorted(errors.items())[0]
+        raise AssertionError(f"rank {rank} of {world_size} failed:\n{tb}")
+    return [results[r] for r in range(world_size)]
