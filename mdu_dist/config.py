@@ -152,6 +152,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}={value!r} must be an integer")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}={value!r} must be a number")
         return float(value)
@@ -184,10 +189,10 @@ def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
 
 def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>", cls: type = Config) -> Any:
     tree = dict(data or {})
-    for text in overrides:
-        keys, value = _parse_override(text)
-        _set_dotted(tree, keys, value)
     try:
+        for text in overrides:
+            keys, value = _parse_override(text)
+            _set_dotted(tree, keys, value)
         cfg = _build(cls, tree, "")
         cfg.validate()
     except ConfigError as e:

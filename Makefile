@@ -1,0 +1,20 @@
+# The README's commands. Every target installs what it needs first (tools/install.sh is a no-op when current).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# DeepSpeed JIT-builds its CPU Adam here once; CI and later runs reuse it.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all clean
+
+install:
+	@VENV=$(VENV) tools/install.sh
+
+test: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf build .pytest_cache

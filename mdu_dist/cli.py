@@ -1,0 +1,89 @@
+"""The ``mdu-dist`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+
+from mdu_dist.config import ConfigError, load_config
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken optional install is reported, not fatal
+        return f"not available ({type(e).__name__})"
+    return getattr(mod, "__version__", "unknown")
+
+
+def _devices() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        return f"{len(names)} CUDA device(s): " + ", ".join(names)
+    return f"no CUDA device; CPU with {os.cpu_count()} cores (gloo backend, megatron-core via mdu_dist.cpu_shim)"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from mdu_dist import __version__
+    from mdu_dist.distributed import process_env, resolve_layout
+    from mdu_dist.models.dense import count_parameters, init_weights
+    from mdu_dist.models.mcore_layout import shard
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"mdu-dist {__version__} | Python {platform.python_version()}")
+    for module in ("torch", "megatron.core", "deepspeed", "transformers", "submitit"):
+        print(f"  {module:<14} {_version(module)}")
+    print(f"devices: {_devices()}")
+
+    penv = process_env()
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    world = args.world_size or (penv.world_size if penv.source != "single" else tp * pp)
+    layout = resolve_layout(world, cfg.parallel, cfg.model)
+    print(f"launcher: {penv.source}; parallel layout: {layout}")
+
+    m = cfg.model
+    total = count_parameters(m)
+    print(f"model: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads / "
+          f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size} "
+          f"(padded to {m.padded_vocab_size(tp)} for TP={tp})")
+    print(f"parameters: {total:,} ({total / 1e9:.3f}e9)")
+    weights = init_weights(m, device="meta")
+    for pp_rank in range(pp):
+        state = shard(m, weights, tp, 0, pp, pp_rank)
+        per_rank = sum(t.numel() for t in state.values())
+        print(f"pipeline stage {pp_rank}: {per_rank:,} parameters per TP rank; shapes on each of its {tp} TP ranks:")
+        for name, t in state.items():
+            if ".layers." in name and not name.startswith("decoder.layers.0."):
+                continue  # every layer of a stage has the shapes of its first
+            print(f"  {name:<52} {tuple(t.shape)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mdu-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, devices, the parallel layout and the model's per-rank shapes")
+    info.add_argument("--config", help="YAML config (default: the built-in tiny LLaDA)")
+    info.add_argument("--world-size", type=int, help="world size to plan for (default: launcher's, else TP x PP)")
+    info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mdu-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

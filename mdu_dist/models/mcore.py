@@ -1,0 +1,117 @@
+"""LLaDA and Dream as megatron-core GPTModels: the local (no Transformer Engine, no apex) layer spec with
+bidirectional attention, RMSNorm, SwiGLU, RoPE and an untied head.
+
+A ``DiffusionLM`` is one pipeline stage. The last stage returns this rank's slice of the padded vocabulary
+with the padding columns at -inf, and (Dream) the logits shifted right by one along the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mdu_dist.config import ModelConfig
+from mdu_dist.models import ARCHS
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        init_method_std=cfg.init_std,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        # The fused kernels need CUDA/apex; the unfused paths are exact and run everywhere.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        # The layer spec below declares no mask; this keeps megatron from building a causal one anywhere.
+        variable_seq_lengths=False,
+    )
+
+
+def layer_spec():
+    """megatron-core's local GPT layer spec with the causal mask removed: masked diffusion attends both ways."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnMaskType
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    return spec
+
+
+class DiffusionLM(nn.Module):
+    """One pipeline stage of a masked-diffusion backbone on megatron-core.
+
+    ``forward(input_ids)`` returns logits [B, S, V_local] on the last stage (hidden states on the others, which
+    the pipeline schedule forwards); intermediate stages receive their input through ``set_input_tensor``.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: int, pp: int, pre_process: bool, post_process: bool,
+                 tp_rank: int = 0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from megatron.core.models.gpt import GPTModel
+
+        self.cfg = cfg
+        self.shift_logits = ARCHS[cfg.arch].shift_logits
+        self.padded_vocab = cfg.padded_vocab_size(tp)
+        self.vocab_local = self.padded_vocab // tp
+        self.vocab_start = tp_rank * self.vocab_local
+        self.post_process = post_process
+        self.gpt = GPTModel(
+            transformer_config(cfg, tp, pp, dtype), layer_spec(), vocab_size=self.padded_vocab,
+            max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=False, position_embedding_type="rope",
+            rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+        )
+
+    @property
+    def config(self):
+        """megatron-core's TransformerConfig; the pipeline schedules look for ``model.config``."""
+        return self.gpt.config
+
+    def set_input_tensor(self, tensor) -> None:
+        self.gpt.set_input_tensor(tensor)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        b, s = input_ids.shape
+        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        out = self.gpt(input_ids, position_ids, attention_mask=None)
+        if not self.post_process:
+            return out
+        padded = torch.arange(self.vocab_start, self.vocab_start + self.vocab_local, device=out.device)
+        out = out.masked_fill(padded >= self.cfg.vocab_size, float("-inf"))
+        if self.shift_logits:
+            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+        return out
+
+
+def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> DiffusionLM:
+    """Build this rank's stage of the model from megatron-core's (already initialised) parallel state."""
+    from megatron.core import parallel_state as ps
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    return DiffusionLM(cfg, tp, pp, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                       tp_rank=ps.get_tensor_model_parallel_rank(), dtype=dtype)
