@@ -9,7 +9,9 @@ Each ``fn`` is responsible for its own ``torch.distributed`` set-up (usually ``m
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -47,12 +49,19 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
     for p in procs:
         p.start()
     results, errors = {}, {}
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, value = queue.get(timeout=timeout)
-            (results if status == "ok" else errors)[rank] = value
-            if errors:
-                break
+        while len(results) + len(errors) < world_size and not errors:
+            try:
+                rank, status, value = queue.get(timeout=1.0)
+                (results if status == "ok" else errors)[rank] = value
+            except queue_module.Empty:
+                # A rank that died before reporting (killed, crashed in C++, failed to unpickle ``fn``).
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors[dead[0]] = f"process exited with code {procs[dead[0]].exitcode} without reporting"
+                elif time.monotonic() > deadline:
+                    errors[-1] = f"timed out after {timeout:.0f} s waiting for ranks"
     finally:
         for p in procs:
             p.join(timeout=5 if errors else 60)

@@ -66,7 +66,8 @@ class DiffusionLM(nn.Module):
     """One pipeline stage of a masked-diffusion backbone on megatron-core.
 
     ``forward(input_ids)`` returns logits [B, S, V_local] on the last stage (hidden states on the others, which
-    the pipeline schedule forwards); intermediate stages receive their input through ``set_input_tensor``.
+    the pipeline schedule forwards); later stages receive their input through the GPTModel's
+    ``set_input_tensor``.
     """
 
     def __init__(self, cfg: ModelConfig, tp: int, pp: int, pre_process: bool, post_process: bool,
@@ -80,25 +81,19 @@ class DiffusionLM(nn.Module):
         self.vocab_local = self.padded_vocab // tp
         self.vocab_start = tp_rank * self.vocab_local
         self.post_process = post_process
-        self.gpt = GPTModel(
+        # Named ``module`` so megatron-core's get_attr_wrapped_model finds config, model_type and
+        # set_input_tensor on the GPTModel, as it does through DDP wrappers.
+        self.module = GPTModel(
             transformer_config(cfg, tp, pp, dtype), layer_spec(), vocab_size=self.padded_vocab,
             max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         )
 
-    @property
-    def config(self):
-        """megatron-core's TransformerConfig; the pipeline schedules look for ``model.config``."""
-        return self.gpt.config
-
-    def set_input_tensor(self, tensor) -> None:
-        self.gpt.set_input_tensor(tensor)
-
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         b, s = input_ids.shape
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        out = self.gpt(input_ids, position_ids, attention_mask=None)
+        out = self.module(input_ids, position_ids, attention_mask=None)
         if not self.post_process:
             return out
         padded = torch.arange(self.vocab_start, self.vocab_start + self.vocab_local, device=out.device)
