@@ -7,6 +7,7 @@ import importlib
 import os
 import platform
 import sys
+import warnings
 
 from mdu_dist.config import ConfigError, load_config
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # megatron-core announces at import that it falls back from apex/TE to its local (exact) paths.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
