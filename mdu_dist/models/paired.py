@@ -1,0 +1,58 @@
+"""The trainable model and its frozen reference (theta_0) as one pipeline stage.
+
+MDU's anchor pass, NPO's and DPO's reference passes run on a frozen copy of the starting weights, sharded in
+the same TP/PP groups as the policy. Rather than running the pipeline once per model, every micro-batch stacks
+the policy's rows and the reference's rows along the batch dimension; each stage runs the policy on the first
+``n_policy`` rows (with autograd) and the reference on the rest (under ``no_grad``, so no activations are
+kept), and the pipeline moves one activation tensor per micro-batch. Gradients reach the policy rows only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mdu_dist.models.mcore import DiffusionLM
+
+
+class PolicyAndReference(nn.Module):
+    def __init__(self, policy: nn.Module, reference: DiffusionLM | None):
+        super().__init__()
+        # ``module`` lets megatron-core's get_attr_wrapped_model reach the policy's config and model_type.
+        self.module = policy
+        self.reference = reference
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        self._input: torch.Tensor | None = None
+
+    def set_input_tensor(self, tensor) -> None:
+        # Later pipeline stages receive [seq, rows, hidden]; the split into policy and reference rows
+        # happens in forward, where n_policy is known.
+        self._input = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
+
+    @staticmethod
+    def _run(model: nn.Module, ids: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        _stage(model).module.set_input_tensor(hidden)
+        return model(ids)
+
+    def forward(self, ids: torch.Tensor, n_policy: int) -> torch.Tensor:
+        """``ids`` [rows, seq]: rows ``[:n_policy]`` go to the policy, the rest to the frozen reference."""
+        hidden = self._input
+        policy_hidden = None if hidden is None else hidden[:, :n_policy]
+        out = self._run(self.module, ids[:n_policy], policy_hidden)
+        if n_policy == ids.shape[0]:
+            return out
+        if self.reference is None:
+            raise ValueError(f"{ids.shape[0] - n_policy} reference rows but no reference model was built")
+        with torch.no_grad():
+            ref_hidden = None if hidden is None else hidden[:, n_policy:]
+            ref_out = self._run(self.reference, ids[n_policy:], ref_hidden)
+        # Logits are [rows, seq, vocab] on the last stage, hidden states [seq, rows, hidden] elsewhere.
+        return torch.cat([out, ref_out], dim=0 if _stage(self.module).post_process else 1)
+
+
+def _stage(model: nn.Module) -> DiffusionLM:
+    """The DiffusionLM inside wrappers such as a DeepSpeed engine."""
+    while not isinstance(model, DiffusionLM):
+        model = model.module
+    return model
