@@ -1,0 +1,5 @@
+"""TOFU evaluation for masked diffusion models.
+
+``likelihood``: LLaDA's Monte-Carlo ELBO of an answer (vocab-parallel). ``sampler``: low-confidence remasking
+generation (vocab-parallel). ``metrics``: open-unlearning's TOFU metrics from per-token NLLs and generations.
+"""
