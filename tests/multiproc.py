@@ -27,8 +27,13 @@ def _entry(rank, world_size, port, fn, args, queue):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
+    import warnings
+
     import torch
 
+    # megatron-core announces its apex/TE fallbacks once per process; the parent's pytest filters do not
+    # reach spawned ranks.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|async grad allreduce)")
     torch.set_num_threads(1)
     try:
         queue.put((rank, "ok", fn(*args)))
