@@ -1,0 +1,164 @@
+"""Vocab-parallel divergence between a prediction and a detached target: MDU's forget term.
+
+Each tensor-parallel rank holds a contiguous slice of the (padded) vocabulary; only per-row scalars travel
+between ranks, never a vocabulary-sized tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+DIRECTIONS = ("forward", "reverse", "js")
+
+
+def all_reduce_(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """In-place all-reduce over ``group``; ``None`` is a single process that holds the whole vocabulary."""
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def excluded_columns(v_local: int, vocab_start: int, vocab_size: int, exclude_ids: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+    """Bool [v_local]: this rank's columns that take no part, vocabulary padding and ``exclude_ids``."""
+    ids = torch.arange(vocab_start, vocab_start + v_local, device=device)
+    out = ids >= vocab_size
+    if exclude_ids is not None:
+        out |= torch.isin(ids, exclude_ids.to(device))
+    return out
+
+
+def _raw_logits(logits: torch.Tensor, anchor: torch.Tensor, excluded: torch.Tensor, tau: float, eta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh ``dtype`` copies of the prediction logits z and the target logits tau * (anchor - eta (z - anchor)),
+    excluded columns at -inf (whatever garbage the inputs hold there)."""
+    z = logits.to(dtype, copy=True).masked_fill_(excluded, -math.inf)
+    a = anchor.to(dtype, copy=True)
+    if eta:
+        a.mul_(1.0 + eta).sub_(z, alpha=eta)
+    a.mul_(tau).masked_fill_(excluded, -math.inf)
+    return z, a
+
+
+def _log_softmax_(z: torch.Tensor, a: torch.Tensor, norms: torch.Tensor) -> None:
+    """In place z, a -> log p, log q from per-row [max; log sum exp] norms [2, 2, n]; the same operations in the
+    forward and the backward, so both see bit-identical log-probabilities."""
+    for x, (peak, log_sum) in zip((z, a), norms.unbind(1)):
+        x.sub_(peak[:, None]).sub_(log_sum[:, None])
+
+
+def _weighted_log_ratio(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
+                        excluded: torch.Tensor) -> torch.Tensor:
+    """Per row, sum over valid columns of w (log_a - log_b); excluded columns are -inf - -inf and dropped."""
+    return (log_a - log_b).masked_fill_(excluded, 0.0).mul_(w).sum(-1)
+
+
+def _log_mixture(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    # logaddexp stays finite where both p and q underflow, so 0 * (log p - log m) never becomes 0 * inf.
+    return torch.logaddexp(logp, logq).sub_(math.log(2.0))
+
+
+class _VocabParallelDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, anchor, group, vocab_start, vocab_size, direction, tau, eta, exclude_ids,
+                chunk_size):
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        n = logits.shape[0]
+        excluded = excluded_columns(logits.shape[1], vocab_start, vocab_size, exclude_ids, logits.device)
+        out = torch.empty(n, dtype=dtype, device=logits.device)
+        norms = torch.empty(2, 2, n, dtype=dtype, device=logits.device)  # [max, log sum exp] x [p, q] x rows
+        stat = torch.empty(n, dtype=dtype, device=logits.device)  # the KL the backward subtracts (js: KL(p||m))
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            z, a = _raw_logits(logits[s:e], anchor[s:e], excluded, tau, eta, dtype)
+            peak = all_reduce_(torch.stack((z.amax(-1), a.amax(-1))), dist.ReduceOp.MAX, group)
+            sums = torch.stack([torch.exp(x - m[:, None]).sum(-1) for x, m in zip((z, a), peak)])
+            norms[0, :, s:e], norms[1, :, s:e] = peak, all_reduce_(sums, dist.ReduceOp.SUM, group).log_()
+            _log_softmax_(z, a, norms[..., s:e])
+            if direction == "forward":
+                part = _weighted_log_ratio(z.exp(), z, a, excluded)[None]
+            elif direction == "reverse":
+                part = _weighted_log_ratio(a.exp(), a, z, excluded)[None]
+            else:
+                logm = _log_mixture(z, a)
+                part = torch.stack((_weighted_log_ratio(z.exp(), z, logm, excluded),
+                                    _weighted_log_ratio(a.exp(), a, logm, excluded)))
+            part = all_reduce_(part, dist.ReduceOp.SUM, group)
+            stat[s:e] = part[0]
+            out[s:e] = part[0] if direction != "js" else 0.5 * (part[0] + part[1])
+        ctx.save_for_backward(logits, anchor, excluded, norms, stat)
+        ctx.options = direction, tau, eta, chunk_size, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, anchor, excluded, norms, stat = ctx.saved_tensors
+        direction, tau, eta, chunk_size, dtype = ctx.options
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk_size):
+            e = min(s + chunk_size, logits.shape[0])
+            z, a = _raw_logits(logits[s:e], anchor[s:e], excluded, tau, eta, dtype)
+            _log_softmax_(z, a, norms[..., s:e])
+            if direction == "forward":
+                g = (z - a).sub_(stat[s:e, None]).masked_fill_(excluded, 0.0).mul_(z.exp())
+            elif direction == "reverse":
+                g = z.exp_().sub_(a.exp_())
+            else:
+                g = (z - _log_mixture(z, a)).sub_(stat[s:e, None]).masked_fill_(excluded, 0.0)
+                g.mul_(z.exp_()).mul_(0.5)
+            grad[s:e] = g.mul_(grad_out[s:e, None].to(dtype))
+        return grad, *([None] * 9)
+
+
+def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
+                              group: dist.ProcessGroup | None, *, vocab_start: int, vocab_size: int,
+                              direction: str = "forward", tau: float = 1.0, eta: float = 0.0,
+                              exclude_ids: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-row divergence between p = softmax(logits) and a detached target q, over a vocab-parallel slice.
+
+    Rows are positions (the caller selects the masked response positions); columns are this rank's slice
+    [vocab_start, vocab_start + V_local) of the padded vocabulary, the other slices live on the other ranks of
+    ``group`` (``None``: one process holding it all). Columns with id >= ``vocab_size`` (padding) or in
+    ``exclude_ids`` (global ids, e.g. special tokens) are removed from both distributions, whatever values they
+    hold; every other column must be finite.
+
+        p = softmax(z),  z = logits
+        a = anchor - eta (z - anchor)            (treated as a constant: no gradient flows through a)
+        q = softmax(tau a)                       (tau = 0: uniform over the kept vocabulary; tau < 0 refused)
+        forward:  D = KL(p || q) = sum_v p_v (log p_v - log q_v)
+        reverse:  D = KL(q || p) = sum_v q_v (log q_v - log p_v)
+        js:       D = 1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2
+
+    Gradient with respect to z (times the incoming gradient of each row; zero on removed columns, none to
+    ``anchor_logits``, and with eta != 0 the analytic gradient of D at fixed q, not the total derivative):
+
+        forward:  dD/dz_v = p_v (log p_v - log q_v - KL(p || q))
+        reverse:  dD/dz_v = p_v - q_v
+        js:       dD/dz_v = 1/2 p_v (log(p_v / m_v) - KL(p || m))
+
+    Communication per chunk of rows: one MAX and one SUM all-reduce of the [2, rows] max / exp-sum of both
+    distributions, one SUM all-reduce of the partial divergence ([2, rows] for js); the backward needs none.
+    Memory: rows are processed ``chunk_size`` at a time, so the float32 working set is a few
+    chunk_size x V_local buffers; the backward keeps only the inputs and O(N) per-row statistics and recomputes
+    the rest. Arithmetic is float32 (float64 for float64 inputs), which is also the dtype of the result [N].
+    ``N`` must be equal on all ranks of ``group`` (it sets the number of collectives); N = 0 gives an empty result.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown divergence direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
+    if not tau >= 0:
+        raise ValueError(f"tau must be >= 0 (0 = uniform target, 1 = raw anchor), got {tau}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if logits.dim() != 2 or anchor_logits.shape != logits.shape:
+        raise ValueError(f"logits and anchor_logits must both be [N, V_local]; got {tuple(logits.shape)} and "
+                         f"{tuple(anchor_logits.shape)}")
+    if exclude_ids is not None:
+        exclude_ids = torch.as_tensor(exclude_ids, dtype=torch.long)
+        kept = vocab_size - torch.unique(exclude_ids[(exclude_ids >= 0) & (exclude_ids < vocab_size)]).numel()
+        if kept < 1:
+            raise ValueError(f"exclude_ids removes all {vocab_size} vocabulary entries")
+    return _VocabParallelDivergence.apply(logits, anchor_logits.detach(), group, vocab_start, vocab_size,
+                                          direction, float(tau), float(eta), exclude_ids, chunk_size)
