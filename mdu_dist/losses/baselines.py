@@ -9,8 +9,6 @@ adds alpha * retain NLL to NPO, SimNPO, WGA and DPO as well, which the trainer d
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -20,12 +18,6 @@ from mdu_dist.losses.cross_entropy import masked_diffusion_loss
 def ga(forget_loglik: torch.Tensor) -> torch.Tensor:
     """Gradient ascent on the forget NLL: loss = -mean_b NLL_b = mean_b loglik_b (Jang et al. 2023)."""
     return forget_loglik.mean()
-
-
-def graddiff(forget_loglik: torch.Tensor, retain_loglik: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
-    """GA on the forget set plus alpha x the retain NLL (Liu et al. 2022):
-    loss = mean loglik_forget - alpha mean loglik_retain."""
-    return ga(forget_loglik) - alpha * retain_loglik.mean()
 
 
 def npo(forget_loglik: torch.Tensor, ref_forget_loglik: torch.Tensor, *, beta: float = 0.1) -> torch.Tensor:
@@ -67,15 +59,3 @@ def dpo(idk_loglik: torch.Tensor, forget_loglik: torch.Tensor, ref_idk_loglik: t
     loss = mean_b -log sigmoid(beta ((loglik_idk - ref_idk) - (loglik_forget - ref_forget)))."""
     margin = (idk_loglik - ref_idk_loglik) - (forget_loglik - ref_forget_loglik)
     return (-F.logsigmoid(beta * margin)).mean()
-
-
-BASELINES: dict[str, Callable[..., torch.Tensor]] = {
-    "ga": ga, "graddiff": graddiff, "npo": npo, "simnpo": simnpo, "wga": wga, "dpo": dpo,
-}
-
-
-def get_baseline(name: str) -> Callable[..., torch.Tensor]:
-    try:
-        return BASELINES[name]
-    except KeyError:
-        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}") from None

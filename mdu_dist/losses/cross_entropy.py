@@ -89,7 +89,7 @@ def token_weights(masked: torch.Tensor, t: torch.Tensor, weighting: str = "inver
       with the distance to it; t does not enter.
     """
     if weighting == "inverse_t":
-        return (1.0 / t.float())[:, None].expand(masked.shape)
+        return (1.0 / t)[:, None].expand(masked.shape)
     if weighting == "none":
         return torch.ones(masked.shape, device=masked.device)
     if weighting == "geometric":
@@ -114,7 +114,8 @@ def masked_diffusion_nll(token_nll: torch.Tensor, masked: torch.Tensor, response
     without response tokens divides by 1 instead of 0, so neither turns into NaN.
     """
     selected = masked & response_mask
-    w = token_weights(selected, t, weighting, geo_p).to(token_nll.dtype)
+    # 1/t in the loss's own precision: float64 references see no float32 rounding of the weight.
+    w = token_weights(selected, t.to(token_nll.dtype), weighting, geo_p).to(token_nll.dtype)
     total = torch.where(selected, w * token_nll, torch.zeros((), dtype=token_nll.dtype, device=token_nll.device))
     return total.sum(-1) / response_mask.sum(-1).clamp(min=1).to(token_nll.dtype)
 

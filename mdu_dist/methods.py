@@ -1,0 +1,248 @@
+"""Unlearning objectives chosen by name: MDU and the baselines adapted to masked diffusion.
+
+An objective says which forward passes one step needs (``passes``: token ids for the policy or for the frozen
+reference theta_0, and the positions whose logits it reads) and turns their logits into a loss (``loss``).
+The trainer stacks every pass of a micro-batch into one pipeline pass (``models.paired``), so an objective
+knows nothing of TP, PP or DeepSpeed; its losses are vocab-parallel through ``VocabShard``.
+
+The likelihood of a response under a masked diffusion model is the ELBO estimate of one random draw
+(t, mask): ``loglik_b = -sum_{masked response i} w(t_b) CE_i / |response_b|`` (``losses.cross_entropy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mdu_dist.data import Pairs
+from mdu_dist.diffusion import anchor_view, mask_response, sample_t
+from mdu_dist.losses import baselines
+from mdu_dist.losses.cross_entropy import masked_diffusion_nll, vocab_parallel_cross_entropy
+from mdu_dist.losses.divergence import vocab_parallel_divergence
+
+
+@dataclass
+class MethodConfig:
+    """The unlearning objective. Keys that a method does not use are ignored by it."""
+
+    name: str = "mdu"  # mdu | ga | graddiff | npo | simnpo | wga | dpo
+    tau: float = 0.5  # MDU target temperature: q = softmax(tau * anchor logits); 0 = uniform target
+    eta: float = 0.0  # MDU anchor extrapolation: target logits = a - eta (c - a), detached
+    direction: str = "forward"  # MDU divergence: forward KL(p||q) | reverse | js
+    exclude_special_tokens: bool = False  # MDU: drop special tokens from both distributions
+    alpha: float = 1.0  # weight of the retain SFT term (all methods but GA)
+    beta: float = 0.1  # NPO / SimNPO / DPO inverse temperature; WGA exponent
+    gamma: float = 0.0  # SimNPO reward margin
+    weighting: str = "inverse_t"  # masked-diffusion loss weight: inverse_t | none | geometric
+    eps: float = 1e-3  # t = eps + (1 - eps) U(0, 1)
+    special_token_ids: list[int] = field(default_factory=list)  # for exclude_special_tokens
+
+
+@dataclass
+class VocabShard:
+    """This rank's slice [start, start + local) of the padded vocabulary and the group that holds the rest."""
+
+    group: object
+    start: int
+    size: int  # the true (unpadded) vocabulary size
+
+
+@dataclass
+class Noised:
+    """One forward-diffusion draw of a batch of pairs."""
+
+    clean: Tensor  # [B, L] targets
+    noisy: Tensor  # [B, L] model input: masked response tokens replaced by the mask token
+    masked: Tensor  # [B, L] bool: masked response positions (where the losses are read)
+    response: Tensor  # [B, L] bool
+    t: Tensor  # [B]
+
+
+def noise(pairs: Pairs, mask_token_id: int, generator: torch.Generator, eps: float) -> Noised:
+    t = sample_t(len(pairs), eps=eps, generator=generator)
+    noisy, masked = mask_response(pairs.input_ids, pairs.response_mask, t, mask_token_id, generator)
+    return Noised(pairs.input_ids, noisy, masked, pairs.response_mask, t)
+
+
+@dataclass
+class Pass:
+    name: str
+    ids: Tensor  # [B, L]
+    positions: Tensor  # [B, L] bool
+    reference: bool = False  # run on the frozen theta_0 under no_grad
+
+
+def token_nll(logits: Tensor, nz: Noised, vocab: VocabShard) -> Tensor:
+    """CE of the clean token at every masked position, [B, L] (0 elsewhere), from logits [N, V_local] read at
+    ``nz.masked``."""
+    nll = vocab_parallel_cross_entropy(logits, nz.clean[nz.masked], vocab.group, vocab_start=vocab.start,
+                                       vocab_size=vocab.size)
+    return torch.zeros(nz.masked.shape, dtype=nll.dtype, device=nll.device).masked_scatter(nz.masked, nll)
+
+
+def sft_loglik(logits: Tensor, nz: Noised, vocab: VocabShard, weighting: str) -> Tensor:
+    """Per-sequence ELBO log-likelihood estimate [B]."""
+    return -masked_diffusion_nll(token_nll(logits, nz, vocab), nz.masked, nz.response, nz.t, weighting)
+
+
+class Objective:
+    """Base: the retain SFT term every method except GA adds with weight ``alpha``."""
+
+    needs_reference = False
+    uses_retain = True
+    uses_idk = False
+
+    def __init__(self, cfg: MethodConfig, mask_token_id: int):
+        self.cfg, self.mask_token_id = cfg, mask_token_id
+
+    def draw(self, batch: dict[str, Pairs], generator: torch.Generator) -> dict[str, Noised]:
+        names = ["forget"] + (["retain"] if self.uses_retain and self.cfg.alpha else []) + (
+            ["idk"] if self.uses_idk else [])
+        missing = [n for n in names if n not in batch]
+        if missing:
+            raise ValueError(f"method {self.cfg.name!r} needs batch parts {missing}")
+        return {n: noise(batch[n], self.mask_token_id, generator, self.cfg.eps) for n in names}
+
+    def passes(self, drawn: dict[str, Noised]) -> list[Pass]:
+        out = [Pass(n, nz.noisy, nz.masked) for n, nz in drawn.items()]
+        if self.needs_reference:
+            out += [Pass(f"{n}_ref", drawn[n].noisy, drawn[n].masked, reference=True) for n in self.ref_parts]
+        return out
+
+    ref_parts: tuple[str, ...] = ()
+
+    def retain_term(self, logits: dict[str, Tensor], drawn: dict[str, Noised], vocab: VocabShard) -> Tensor:
+        if "retain" not in drawn:
+            return torch.zeros(())
+        return -sft_loglik(logits["retain"], drawn["retain"], vocab, self.cfg.weighting).mean()
+
+    def forget_term(self, logits, drawn, vocab) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def loss(self, logits: dict[str, Tensor], drawn: dict[str, Noised], vocab: VocabShard
+             ) -> tuple[Tensor, dict[str, float]]:
+        forget, metrics = self.forget_term(logits, drawn, vocab)
+        retain = self.retain_term(logits, drawn, vocab)
+        metrics = {"forget-loss": forget.item(), "retain-loss": retain.item(), **metrics}
+        return forget + self.cfg.alpha * retain, metrics
+
+
+class MDU(Objective):
+    """KL(p_theta(. | x ⊕ y_t) || softmax(tau * p_theta0(. | MASK^|x| ⊕ y_t))) at masked response positions."""
+
+    needs_reference = True
+
+    def passes(self, drawn):
+        f = drawn["forget"]
+        anchor = anchor_view(f.noisy, f.response, self.mask_token_id)
+        return super().passes(drawn) + [Pass("anchor", anchor, f.masked, reference=True)]
+
+    def forget_term(self, logits, drawn, vocab):
+        c = self.cfg
+        exclude = torch.tensor(c.special_token_ids, dtype=torch.long) if c.exclude_special_tokens else None
+        kl = vocab_parallel_divergence(logits["forget"], logits["anchor"], vocab.group, vocab_start=vocab.start,
+                                       vocab_size=vocab.size, direction=c.direction, tau=c.tau, eta=c.eta,
+                                       exclude_ids=exclude)
+        # A batch with no masked response position contributes a defined zero (not 0/0).
+        mean = kl.sum() / max(kl.numel(), 1)
+        return mean, {"kl": mean.item(), "masked-positions": float(kl.numel())}
+
+
+class LoglikBaseline(Objective):
+    """A baseline that is a function of per-sequence ELBO log-likelihoods (``losses.baselines``)."""
+
+    def forget_term(self, logits, drawn, vocab):
+        ll = {n: sft_loglik(logits[n], drawn[n.removesuffix("_ref")], vocab, self.cfg.weighting)
+              for n in logits if n not in ("retain",)}
+        value = self.combine(ll)
+        return value, {"forget-loglik": ll["forget"].mean().item()}
+
+    def combine(self, ll: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+
+class GA(LoglikBaseline):
+    uses_retain = False
+
+    def combine(self, ll):
+        return baselines.ga(ll["forget"])
+
+
+class GradDiff(GA):
+    """GA plus alpha x the retain SFT loss (the retain term every objective but GA adds)."""
+
+    uses_retain = True
+
+
+class NPO(LoglikBaseline):
+    needs_reference = True
+    ref_parts = ("forget",)
+
+    def combine(self, ll):
+        return baselines.npo(ll["forget"], ll["forget_ref"], beta=self.cfg.beta)
+
+
+class SimNPO(LoglikBaseline):
+    def combine(self, ll):
+        return baselines.simnpo(ll["forget"], beta=self.cfg.beta, gamma=self.cfg.gamma)
+
+
+class DPO(LoglikBaseline):
+    needs_reference = True
+    uses_idk = True
+    ref_parts = ("forget", "idk")
+
+    def combine(self, ll):
+        return baselines.dpo(ll["idk"], ll["forget"], ll["idk_ref"], ll["forget_ref"], beta=self.cfg.beta)
+
+
+class WGA(Objective):
+    """Gradient ascent on the forget ELBO, each token weighted by its own (detached) probability ** beta."""
+
+    def forget_term(self, logits, drawn, vocab):
+        nz = drawn["forget"]
+        nll = token_nll(logits["forget"], nz, vocab)
+        return baselines.wga(nll, nz.masked, nz.response, nz.t, beta=self.cfg.beta, weighting=self.cfg.weighting), {}
+
+
+@dataclass
+class MicroBatch:
+    """Every pass of one micro-batch stacked into one input: policy rows first, then reference rows."""
+
+    drawn: dict[str, Noised]
+    passes: list[Pass]  # in row order
+    ids: Tensor  # [rows, L]
+    n_policy: int
+
+
+def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Generator) -> MicroBatch:
+    drawn = objective.draw(batch, generator)
+    passes = objective.passes(drawn)
+    ordered = [p for p in passes if not p.reference] + [p for p in passes if p.reference]
+    n_policy = sum(p.ids.shape[0] for p in ordered if not p.reference)
+    return MicroBatch(drawn, ordered, torch.cat([p.ids for p in ordered]), n_policy)
+
+
+def microbatch_loss(objective: Objective, mb: MicroBatch, logits: Tensor, vocab: VocabShard
+                    ) -> tuple[Tensor, dict[str, float]]:
+    """The objective's loss from the stacked logits [rows, L, V_local], read only at each pass's positions."""
+    selected, row = {}, 0
+    for p in mb.passes:
+        rows = p.ids.shape[0]
+        selected[p.name] = logits[row: row + rows][p.positions]
+        row += rows
+    return objective.loss(selected, mb.drawn, vocab)
+
+
+METHODS: dict[str, type[Objective]] = {"mdu": MDU, "ga": GA, "graddiff": GradDiff, "npo": NPO,
+                                       "simnpo": SimNPO, "wga": WGA, "dpo": DPO}
+
+
+def build_objective(cfg: MethodConfig, mask_token_id: int) -> Objective:
+    if cfg.name not in METHODS:
+        raise ValueError(f"unknown method.name={cfg.name!r} (known: {', '.join(METHODS)})")
+    if cfg.tau < 0:
+        raise ValueError(f"method.tau={cfg.tau} must be >= 0")
+    return METHODS[cfg.name](cfg, mask_token_id)
