@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file, key and value."""
+from mdu_dist.errors import ConfigError
 
 
 @dataclass

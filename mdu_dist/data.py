@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mdu_dist.errors import ConfigError
+
 SPECIAL_TOKENS = ["<|unk|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|user|>", "<|assistant|>", "<|eot|>"]
 # Token ids of the tiny tokenizer, matching configs/*_tiny.yaml (mask 3, eos = pad 2).
 TINY_IDS = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -31,6 +33,30 @@ TINY_CHAT_TEMPLATE = (
 
 class DataError(ValueError):
     """Data that cannot be used; the message names the file, row and field."""
+
+
+@dataclass
+class DataConfig:
+    """Where the pairs come from. A source is a TOFU split name (looked up in ``tofu_dir``) or a JSON/JSONL
+    file of {"question", "answer"} rows."""
+
+    tofu_dir: str = "../shared/data/tofu"  # relative to the working directory
+    finetune: str = "full"  # what ``mdu-dist finetune`` teaches
+    forget: str = "forget10"
+    retain: str = "retain90"
+    idk: str = "idontknow.jsonl"  # DPO's preferred answers, one per line (a file in tofu_dir or a path)
+    max_length: int = 128  # tokens of prompt + response; longer responses are truncated, longer prompts refused
+    limit: int = 0  # use only the first N rows of each source (0 = all): small CPU runs
+
+    def validate(self, where: str = "data") -> None:
+        if self.max_length < 2:
+            raise ConfigError(f"{where}.max_length={self.max_length} must be >= 2")
+        if self.limit < 0:
+            raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+
+    def idk_path(self) -> Path:
+        path = Path(self.idk)
+        return path if path.exists() else Path(self.tofu_dir) / self.idk
 
 
 @dataclass(frozen=True)
@@ -157,18 +183,47 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int, length: int) -> P
     return Pairs(ids, response)
 
 
+Encoded = tuple[list[int], int]  # (token ids, prompt length)
+
+
+def longest(parts: dict[str, list[Encoded]]) -> int:
+    return max(len(tokens) for rows in parts.values() for tokens, _ in rows)
+
+
+def collate_parts(parts: dict[str, list[Encoded]], pad_id: int, length: int | None = None) -> dict[str, Pairs]:
+    """Pad every part to one length (default: the longest row), since the policy and reference rows of a
+    micro-batch travel through the pipeline as one tensor."""
+    length = length or longest(parts)
+    return {name: collate(rows, pad_id, length) for name, rows in parts.items()}
+
+
+class SFTData:
+    """Pairs to fine-tune on, as the single batch part ``train``."""
+
+    def __init__(self, tokenizer, pairs: list[QA], max_length: int):
+        if not pairs:
+            raise DataError("the fine-tuning set is empty")
+        self.rows = [encode_pair(tokenizer, qa, max_length) for qa in pairs]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def parts(self, indices: list[int], epoch: int = 0) -> dict[str, list[Encoded]]:
+        return {"train": [self.rows[i] for i in indices]}
+
+
 class ForgetRetainData:
     """Each forget example paired with a retain example (and, for DPO, an "I don't know" answer to the same
     question), as open-unlearning and the MDU code mix them: the retain partner of forget row i is drawn at
     random, reproducibly from ``seed`` and the epoch."""
 
-    def __init__(self, tokenizer, forget: list[QA], retain: list[QA], max_length: int, pad_id: int,
+    def __init__(self, tokenizer, forget: list[QA], retain: list[QA], max_length: int,
                  idk_answers: list[str] | None = None, seed: int = 0):
         if not forget:
             raise DataError("the forget set is empty")
         if not retain:
             raise DataError("the retain set is empty")
-        self.max_length, self.pad_id, self.seed = max_length, pad_id, seed
+        self.seed = seed
         self.forget = [encode_pair(tokenizer, qa, max_length) for qa in forget]
         self.retain = [encode_pair(tokenizer, qa, max_length) for qa in retain]
         self.idk = ([encode_pair(tokenizer, QA(qa.question, a), max_length)
@@ -177,15 +232,13 @@ class ForgetRetainData:
     def __len__(self) -> int:
         return len(self.forget)
 
-    def batch(self, indices: list[int], epoch: int = 0) -> dict[str, Pairs]:
+    def parts(self, indices: list[int], epoch: int = 0) -> dict[str, list[Encoded]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         partners = [rng.randrange(len(self.retain)) for _ in self.forget]
         parts = {"forget": [self.forget[i] for i in indices], "retain": [self.retain[partners[i]] for i in indices]}
         if self.idk is not None:
             parts["idk"] = [self.idk[i] for i in indices]
-        # One length for every part: the policy and reference rows travel through the pipeline together.
-        length = max(len(t) for rows in parts.values() for t, _ in rows)
-        return {name: collate(rows, self.pad_id, length) for name, rows in parts.items()}
+        return parts
 
 
 def _cycle(items: list[str], n: int, seed: int) -> list[str]:

@@ -93,6 +93,8 @@ class Objective:
     needs_reference = False
     uses_retain = True
     uses_idk = False
+    # What ``loss`` reports, in this order (every rank must know it, also those without logits).
+    metric_names: tuple[str, ...] = ("forget-loss", "retain-loss")
 
     def __init__(self, cfg: MethodConfig, mask_token_id: int):
         self.cfg, self.mask_token_id = cfg, mask_token_id
@@ -133,6 +135,7 @@ class MDU(Objective):
     """KL(p_theta(. | x ⊕ y_t) || softmax(tau * p_theta0(. | MASK^|x| ⊕ y_t))) at masked response positions."""
 
     needs_reference = True
+    metric_names = ("forget-loss", "retain-loss", "kl", "masked-positions")
 
     def passes(self, drawn):
         f = drawn["forget"]
@@ -152,6 +155,8 @@ class MDU(Objective):
 
 class LoglikBaseline(Objective):
     """A baseline that is a function of per-sequence ELBO log-likelihoods (``losses.baselines``)."""
+
+    metric_names = ("forget-loss", "retain-loss", "forget-loglik")
 
     def forget_term(self, logits, drawn, vocab):
         ll = {n: sft_loglik(logits[n], drawn[n.removesuffix("_ref")], vocab, self.cfg.weighting)
@@ -205,6 +210,20 @@ class WGA(Objective):
         nz = drawn["forget"]
         nll = token_nll(logits["forget"], nz, vocab)
         return baselines.wga(nll, nz.masked, nz.response, nz.t, beta=self.cfg.beta, weighting=self.cfg.weighting), {}
+
+
+class SFT(Objective):
+    """Masked-diffusion fine-tuning (``mdu-dist finetune``): minimise the ELBO loss of the ``train`` pairs."""
+
+    uses_retain = False
+    metric_names = ("lm loss",)
+
+    def draw(self, batch, generator):
+        return {"train": noise(batch["train"], self.mask_token_id, generator, self.cfg.eps)}
+
+    def loss(self, logits, drawn, vocab):
+        loss = -sft_loglik(logits["train"], drawn["train"], vocab, self.cfg.weighting).mean()
+        return loss, {"lm loss": loss.item()}
 
 
 @dataclass

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from mdu_dist.data import (TINY_IDS, DataError, ForgetRetainData, QA, build_tokenizer, collate, encode_pair,
-                           load_lines, load_pairs, load_tokenizer)
+from mdu_dist.data import (TINY_IDS, DataError, ForgetRetainData, QA, build_tokenizer, collate, collate_parts,
+                           encode_pair, load_lines, load_pairs, load_tokenizer)
 
 TOFU = "../shared/data/tofu"
 
@@ -62,12 +62,14 @@ def test_long_prompt_refused_long_answer_truncated(tokenizer):
 def test_forget_retain_pairing_is_reproducible(tokenizer):
     forget = load_pairs("forget01", TOFU)
     retain = load_pairs("retain99", TOFU, limit=50)
-    data = ForgetRetainData(tokenizer, forget, retain, 96, tokenizer.pad_token_id,
-                            idk_answers=load_lines(f"{TOFU}/idontknow.jsonl"), seed=3)
-    a, b = data.batch([0, 5, 7], epoch=1), data.batch([0, 5, 7], epoch=1)
+    data = ForgetRetainData(tokenizer, forget, retain, 96, idk_answers=load_lines(f"{TOFU}/idontknow.jsonl"),
+                            seed=3)
+    pad = tokenizer.pad_token_id
+    a, b = (collate_parts(data.parts([0, 5, 7], epoch=1), pad) for _ in range(2))
     assert set(a) == {"forget", "retain", "idk"}
     assert all(torch.equal(a[k].input_ids, b[k].input_ids) for k in a)
-    assert not torch.equal(a["retain"].input_ids, data.batch([0, 5, 7], epoch=2)["retain"].input_ids)
+    assert not torch.equal(a["retain"].input_ids, collate_parts(data.parts([0, 5, 7], epoch=2), pad)["retain"].input_ids)
+    assert collate_parts(data.parts([0], epoch=1), pad, length=100)["forget"].input_ids.shape == (1, 100)
     lengths = {p.input_ids.shape[1] for p in a.values()}
     assert len(lengths) == 1  # every part padded to one length
     # The idk row asks the forget question: same prompt tokens.
@@ -86,6 +88,6 @@ def test_bad_rows_are_named(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"'forget99': neither .* \(splits: .*forget10"):
         load_pairs("forget99", TOFU)
     with pytest.raises(DataError, match="the forget set is empty"):
-        ForgetRetainData(tokenizer, [], [QA("q", "a")], 32, 2)
+        ForgetRetainData(tokenizer, [], [QA("q", "a")], 32)
     with pytest.raises(DataError, match="no tokenizer files"):
         load_tokenizer(tmp_path)

@@ -42,6 +42,8 @@ def test_passes_per_method(name, policy, reference):
     assert [p.name for p in mb.passes if p.reference] == reference
     assert mb.n_policy == 2 * len(policy) and mb.ids.shape[0] == 2 * (len(policy) + len(reference))
     assert set(METHODS) == {"mdu", "ga", "graddiff", "npo", "simnpo", "wga", "dpo"}
+    loss, metrics = microbatch_loss(obj, mb, _logits(mb), VocabShard(None, 0, V))
+    assert tuple(metrics) == obj.metric_names and torch.isfinite(loss)
 
 
 def test_mdu_loss_value_and_anchor_view():
