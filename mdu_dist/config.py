@@ -15,7 +15,12 @@ from typing import Any
 
 import yaml
 
+# Each run section is defined next to the code it configures; Config composes them.
+from mdu_dist.data import DataConfig
 from mdu_dist.errors import ConfigError
+from mdu_dist.methods import MethodConfig
+from mdu_dist.optim import OptimConfig, check_pipeline
+from mdu_dist.trainer import TrainConfig
 
 
 @dataclass
@@ -92,11 +97,16 @@ class ParallelConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
-        self.model.validate()
-        self.parallel.validate()
+        for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train):
+            section.validate()
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
+        check_pipeline(self.optim, self.parallel.pipeline)
 
 
 def check_layout(model: ModelConfig, tp: int, pp: int) -> None:

@@ -104,6 +104,10 @@ def init(parallel: ParallelConfig, model: ModelConfig | None = None) -> Layout:
     penv = process_env()
     layout = resolve_layout(penv.world_size, parallel, model)
     cpu_shim.activate()
+    # DeepSpeed (and anything else torchrun-minded) reads these; Slurm and single runs do not set them.
+    for key, value in (("RANK", penv.rank), ("LOCAL_RANK", penv.local_rank), ("WORLD_SIZE", penv.world_size),
+                       ("MASTER_ADDR", penv.master_addr), ("MASTER_PORT", penv.master_port)):
+        os.environ.setdefault(key, str(value))
     if torch.cuda.is_available():
         # The launcher may already have narrowed CUDA_VISIBLE_DEVICES to one GPU per task.
         torch.cuda.set_device(penv.local_rank % torch.cuda.device_count())

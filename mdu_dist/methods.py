@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mdu_dist.data import Pairs
+from mdu_dist.errors import ConfigError
 from mdu_dist.diffusion import anchor_view, mask_response, sample_t
 from mdu_dist.losses import baselines
 from mdu_dist.losses.cross_entropy import masked_diffusion_nll, vocab_parallel_cross_entropy
@@ -38,6 +39,20 @@ class MethodConfig:
     weighting: str = "inverse_t"  # masked-diffusion loss weight: inverse_t | none | geometric
     eps: float = 1e-3  # t = eps + (1 - eps) U(0, 1)
     special_token_ids: list[int] = field(default_factory=list)  # for exclude_special_tokens
+
+    def validate(self, where: str = "method") -> None:
+        from mdu_dist.losses import DIRECTIONS, WEIGHTINGS
+
+        if self.name not in METHODS:
+            raise ConfigError(f"{where}.name={self.name!r} is not a known method (known: {', '.join(METHODS)})")
+        if self.tau < 0:
+            raise ConfigError(f"{where}.tau={self.tau} must be >= 0")
+        if self.direction not in DIRECTIONS:
+            raise ConfigError(f"{where}.direction={self.direction!r} must be one of {', '.join(DIRECTIONS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"{where}.weighting={self.weighting!r} must be one of {', '.join(WEIGHTINGS)}")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"{where}.eps={self.eps} must be in (0, 1)")
 
 
 @dataclass
@@ -260,8 +275,5 @@ METHODS: dict[str, type[Objective]] = {"mdu": MDU, "ga": GA, "graddiff": GradDif
 
 
 def build_objective(cfg: MethodConfig, mask_token_id: int) -> Objective:
-    if cfg.name not in METHODS:
-        raise ValueError(f"unknown method.name={cfg.name!r} (known: {', '.join(METHODS)})")
-    if cfg.tau < 0:
-        raise ValueError(f"method.tau={cfg.tau} must be >= 0")
+    cfg.validate()
     return METHODS[cfg.name](cfg, mask_token_id)

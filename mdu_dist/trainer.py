@@ -1,0 +1,332 @@
+"""The step loop of ``mdu-dist finetune`` and ``mdu-dist unlearn``, on one process or many, CPU or GPU.
+
+One optimizer step = ``optim.gradient_accumulation_steps`` micro-batches per data-parallel replica, each run
+through megatron-core's pipeline schedule (policy and frozen-reference rows together, ``models.paired``),
+then one DeepSpeed step. Every random draw (data order, retain partners, diffusion masks) is a function of
+(seed, step, micro-batch, DP rank) only, so TP/PP layouts see identical batches and a resumed run replays
+the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mdu_dist.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """The run itself. Sizes are per data-parallel replica."""
+
+    init: str = ""  # HF checkpoint directory to start from; "" = random init (tiny models only)
+    tokenizer: str = ""  # tokenizer directory; "" = the init directory's, else one trained on the data
+    output_dir: str = "runs/mdu"
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run the epochs)
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: str = "none"  # none | auto (latest complete checkpoint in output_dir/checkpoints)
+    seed: int = 0
+
+    def validate(self, where: str = "train") -> None:
+        for name in ("epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps < 0 or self.save_every < 0:
+            raise ConfigError(f"{where}: max_steps and save_every must be >= 0")
+        if self.resume not in ("none", "auto"):
+            raise ConfigError(f"{where}.resume={self.resume!r} must be none or auto")
+
+
+def step_generator(seed: int, step: int, microbatch: int, dp_rank: int) -> torch.Generator:
+    """The random stream of one micro-batch: identical on every TP/PP rank of a replica."""
+    return torch.Generator().manual_seed(hash((seed, step, microbatch, dp_rank)) % (2**63))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def step_indices(n: int, seed: int, step: int, per_step: int, dp_rank: int, dp: int) -> tuple[int, list[int]]:
+    """(epoch, the dataset rows this DP rank uses at optimizer step ``step``); the last partial batch of an
+    epoch is dropped so every step has the same shapes."""
+    steps_per_epoch = n // (per_step * dp)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(n, seed, epoch)
+    start = within * per_step * dp + dp_rank * per_step
+    return epoch, order[start: start + per_step]
+
+
+def steps_per_epoch(n: int, per_step: int, dp: int) -> int:
+    if n < per_step * dp:
+        raise ConfigError(f"{n} training rows are fewer than one step's {per_step * dp} "
+                          f"(micro_batch_size x gradient_accumulation_steps x DP)")
+    return n // (per_step * dp)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (``step-N`` with its ``trainer_state.json``)."""
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class Trainer:
+    """One job (``finetune`` or ``unlearn``) on this rank, inside an initialised process group."""
+
+    def __init__(self, cfg, job: str):
+        from megatron.core import parallel_state as ps
+
+        from mdu_dist.methods import SFT, VocabShard, build_objective
+        from mdu_dist.models.mcore import build_stage
+        from mdu_dist.optim import build_engine, resolve_dtype
+
+        self.cfg, self.job, self.ps = cfg, job, ps
+        self.out = Path(cfg.train.output_dir)
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.writer_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                            and self.dp_rank == 0)
+        m = cfg.model
+        self.tokenizer_dir = self._tokenizer_dir()
+        self.data = self._data()
+        self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
+                          else build_objective(cfg.method, m.mask_token_id))
+        dtype = resolve_dtype(cfg.optim)
+        self.policy = build_stage(m, dtype)
+        self.reference = build_stage(m, dtype) if self.objective.needs_reference else None
+        self._load_initial_weights()
+        per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
+        self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        cfg.optim.total_steps = self.total_steps  # the schedule spans exactly this run
+        self.engine = build_engine(self.policy, cfg.optim)
+        self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
+        self.step = 0
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def _tokenizer_dir(self) -> Path:
+        from mdu_dist.data import build_tokenizer, load_pairs
+
+        t = self.cfg.train
+        if t.tokenizer:
+            return Path(t.tokenizer)
+        init = Path(t.init) if t.init else None
+        for candidate in ([init, init / "hf_files", init / "model" / "hf_files"] if init else []):
+            if (candidate / "tokenizer.json").exists():
+                return candidate
+        # A tiny model trained from scratch: a BPE tokenizer trained on the data, saved with the run.
+        path = self.out / "tokenizer"
+        if dist.get_rank() == 0 and not (path / "tokenizer.json").exists():
+            d = self.cfg.data
+            texts = [f"{qa.question} {qa.answer}" for qa in load_pairs(d.finetune, d.tofu_dir)]
+            build_tokenizer(texts, self.cfg.model.vocab_size, path)
+        barrier()
+        return path
+
+    def _data(self):
+        from mdu_dist.data import ForgetRetainData, SFTData, load_lines, load_pairs, load_tokenizer
+
+        d, limit = self.cfg.data, self.cfg.data.limit or None
+        tok = load_tokenizer(self.tokenizer_dir)
+        if len(tok) > self.cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(tok)} tokens, more than "
+                              f"model.vocab_size={self.cfg.model.vocab_size}")
+        if self.job == "finetune":
+            return SFTData(tok, load_pairs(d.finetune, d.tofu_dir, limit), d.max_length)
+        idk = load_lines(d.idk_path()) if self.cfg.method.name == "dpo" else None
+        return ForgetRetainData(tok, load_pairs(d.forget, d.tofu_dir, limit),
+                                load_pairs(d.retain, d.tofu_dir, limit), d.max_length, idk, seed=self.cfg.train.seed)
+
+    def _load_initial_weights(self) -> None:
+        """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""
+        from mdu_dist.checkpoint.convert import load_hf_into_stage
+        from mdu_dist.checkpoint.dist import MANIFEST, load_model_checkpoint
+        from mdu_dist.checkpoint.hf import open_hf_checkpoint
+        from mdu_dist.models.dense import init_weights
+        from mdu_dist.models.mcore_layout import load_shard, shard
+
+        stages = [s for s in (self.policy, self.reference) if s is not None]
+        init, m = self.cfg.train.init, self.cfg.model
+        if not init:
+            ps = self.ps
+            weights = init_weights(m, seed=self.cfg.train.seed)
+            state = shard(m, weights, ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
+                          ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
+            for s in stages:
+                load_shard(s.module, state)
+        elif (Path(init) / MANIFEST).exists():
+            for s in stages:
+                load_model_checkpoint(s, init)
+        else:
+            with open_hf_checkpoint(init, m, m.arch) as reader:
+                for s in stages:
+                    load_hf_into_stage(s, reader)
+
+    # --------------------------------------------------------------------------------------------- step
+
+    def _microbatches(self, step: int) -> list:
+        from mdu_dist.data import collate_parts, longest
+        from mdu_dist.methods import prepare
+
+        o = self.cfg.optim
+        epoch, rows = step_indices(len(self.data), self.cfg.train.seed, step,
+                                   o.micro_batch_size * o.gradient_accumulation_steps, self.dp_rank, self.dp)
+        chunks = [rows[i: i + o.micro_batch_size] for i in range(0, len(rows), o.micro_batch_size)]
+        parts = [self.data.parts(c, epoch) for c in chunks]
+        # One length for the whole step: the pipeline moves fixed-shape activations.
+        length = max(longest(p) for p in parts)
+        pad = self.cfg.model.pad_token_id
+        return [prepare(self.objective, collate_parts(p, pad, length),
+                        step_generator(self.cfg.train.seed, step, i, self.dp_rank)) for i, p in enumerate(parts)]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        from mdu_dist.methods import microbatch_loss
+        from mdu_dist.models.paired import PolicyAndReference
+        from mdu_dist.optim import forward_backward, optimizer_step
+
+        mbs = self._microbatches(step)
+        reference = self.reference
+
+        def forward(model, mb):
+            return model(mb.ids, mb.n_policy)
+
+        def loss_fn(mb, logits):
+            return microbatch_loss(self.objective, mb, logits, self.vocab)
+
+        start = time.perf_counter()
+        reported = forward_backward(self.engine, mbs, forward, loss_fn, seq_length=mbs[0].ids.shape[1],
+                                    micro_batch_size=mbs[0].ids.shape[0],
+                                    wrap=lambda policy: PolicyAndReference(policy, reference))
+        stats = optimizer_step(self.engine)
+        elapsed = time.perf_counter() - start
+        metrics = self._reduce_metrics(reported)
+        tokens = sum(int(mb.ids.numel()) for mb in mbs) * self.dp
+        metrics.update({"learning-rate": stats.lr, "grad-norm": stats.grad_norm, "step-time": elapsed,
+                        "throughput": tokens / elapsed})
+        return metrics
+
+    def _reduce_metrics(self, reported: list[dict]) -> dict[str, float]:
+        """Mean over micro-batches and data-parallel replicas, known on every rank (so that every rank stops
+        together on a non-finite loss). Only the last pipeline stage computes losses; it broadcasts them."""
+        ps, names = self.ps, self.objective.metric_names
+        values = torch.zeros(len(names), dtype=torch.float64)
+        if reported:
+            values += torch.tensor([[float(r[n]) for n in names] for r in reported], dtype=torch.float64).mean(0)
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values /= self.dp
+        dist.broadcast(values, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        return dict(zip(names, values.tolist()))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save(self, step: int) -> Path:
+        """Collective. ``step-N`` appears (rank 0 renames it into place) only once the model, the DeepSpeed
+        optimizer/scheduler state and ``trainer_state.json`` are all written: a run killed mid-save leaves only
+        a ``.step-N.partial`` directory, and the previous checkpoint stays the latest complete one."""
+        import shutil
+
+        from mdu_dist.checkpoint.dist import save_model_checkpoint
+
+        final = self.checkpoint_root / f"step-{step}"
+        tmp = self.checkpoint_root / f".step-{step}.partial"
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        tokenizer_files = sorted(p for p in self.tokenizer_dir.iterdir() if p.is_file())
+        save_model_checkpoint(self.policy, tmp / "model", step=step, hf_files=tokenizer_files)
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        barrier()
+        if dist.get_rank() == 0:
+            write_json_atomic(tmp / "trainer_state.json", {"step": step, "job": self.job,
+                                                           "total_steps": self.total_steps,
+                                                           "seed": self.cfg.train.seed})
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        barrier()
+        return final
+
+    def resume(self, path: Path) -> int:
+        """Collective: restore weights, optimizer, scheduler and the step counter from checkpoint ``path``."""
+        from mdu_dist.checkpoint.dist import load_model_checkpoint
+
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["job"] != self.job:
+            raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
+        load_model_checkpoint(self.policy, path / "model")
+        self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        return int(state["step"])
+
+    # ------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict[str, float]:
+        from mdu_dist.monitor import Monitor, check_finite
+
+        t = self.cfg.train
+        start = 0
+        if t.resume == "auto":
+            latest = latest_checkpoint(self.checkpoint_root)
+            if latest is not None:
+                start = self.resume(latest)
+        prefix = "unlearn/" if self.job == "unlearn" else ""
+        monitor = Monitor(self.out / "tensorboard", self.total_steps, start, enabled=self.writer_rank,
+                          desc=f"{self.job} ({self.cfg.method.name})" if self.job == "unlearn" else self.job)
+        metrics: dict[str, float] = {}
+        try:
+            for step in range(start, self.total_steps):
+                metrics = self.train_step(step)
+                check_finite(metrics, step, f"rows of step {step} on DP rank {self.dp_rank}")
+                if (step + 1) % t.log_every == 0 or step + 1 == self.total_steps:
+                    monitor.log(step + 1, {(prefix + k if k in self.objective.metric_names else k): v
+                                           for k, v in metrics.items()})
+                if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < self.total_steps:
+                    self.save(step + 1)
+            if start < self.total_steps:
+                self.save(self.total_steps)
+        finally:
+            monitor.close()
+        return metrics
+
+
+def run_job(cfg, job: str) -> dict[str, float]:
+    """Entry point of one rank: process groups, the trainer, clean shutdown."""
+    from mdu_dist import distributed
+
+    if job not in ("finetune", "unlearn"):
+        raise ConfigError(f"unknown job {job!r}")
+    distributed.init(cfg.parallel, cfg.model)
+    try:
+        return Trainer(cfg, job).run()
+    finally:
+        distributed.shutdown()
