@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--world-size", type=int, help="world size to plan for (default: launcher's, else TP x PP)")
     info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     info.set_defaults(func=cmd_info)
+    importlib.import_module("mdu_dist.checkpoint.commands").register(sub)
     return parser
 
 

@@ -8,10 +8,9 @@ backbone's own HF code writes it (LLaDA: OLMo-style keys, model_type "llada"; Dr
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,15 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from mdu_dist.checkpoint.atomic import atomic_dir
+from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
 from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import layout_errors
+from mdu_dist.models.dense import canonical_shapes, layout_errors
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file or tensor."""
 
 
 # ModelConfig field -> config.json key, per backbone.
@@ -119,22 +116,11 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, hf_dict: Mapping[s
     errors = layout_errors(cfg, {name: t.shape for name, t in hf_dict.items()})
     if errors:
         raise CheckpointError(f"{out_dir}: refusing to save: " + "; ".join(errors))
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
     hf_config = model_config_to_hf_config(cfg, hf_dict[names[0]].dtype)
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # os.mkdir (not tempfile.mkdtemp, which is 0700) so the checkpoint gets the usual umask permissions.
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}")
-    os.mkdir(tmp)
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         _write_tensors(tmp, names, hf_dict, max_shard_bytes)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -154,6 +140,61 @@ def _write_tensors(directory: Path, names: list[str], hf_dict: Mapping[str, Tens
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable[tuple[str, Tensor]],
+                        dtype: torch.dtype, *, max_shard_bytes: int | None = None,
+                        base_config: Mapping[str, Any] | None = None, extra_files: Iterable[Path] = (),
+                        overwrite: bool = False, progress: Callable[[int], None] | None = None) -> Path:
+    """Write an HF-layout checkpoint from a stream of (HF name, tensor) pairs in model order, all or nothing.
+
+    The shard plan comes from the shapes, so at most one output shard is held at a time (safetensors
+    serialises a shard through one more copy of it: peak about twice ``max_shard_bytes`` plus what the stream
+    holds). config.json is ``base_config`` (the source checkpoint's, keeping keys mdu-dist does not model, e.g.
+    ``auto_map``) updated with ``cfg`` and ``dtype``. ``extra_files`` (tokenizer, HF code) are copied.
+    ``progress(nbytes)`` is called after each tensor.
+    """
+    out_dir = Path(out_dir)
+    names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
+    shapes = {ARCHS[cfg.arch].hf_name(c): s for c, s in canonical_shapes(cfg).items()}
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {n: math.prod(shapes[n]) * itemsize for n in names}
+    shards = _split(names, sizes, max_shard_bytes) if max_shard_bytes else [names]
+    files = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
+    ours = model_config_to_hf_config(cfg, dtype)
+    owned = set(_HF_KEYS[cfg.arch].values()) | set(_FIXED[cfg.arch]) | {"architectures", "torch_dtype"}
+    hf_config = dict(base_config or {})
+    hf_config.update({k: v for k, v in ours.items() if k in owned or k not in hf_config})
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        for path in extra_files:
+            if path.name not in (CONFIG_FILE, INDEX_FILE) and not path.name.endswith(".safetensors"):
+                shutil.copy2(path, tmp / path.name)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        stream = iter(tensors)
+        for shard, file in zip(shards, files):
+            pending = {}
+            for want in shard:
+                name, tensor = next(stream, (None, None))
+                if name != want:
+                    raise CheckpointError(f"{out_dir}: tensor stream gave {name} where {want} was due")
+                if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
+                    raise CheckpointError(f"{out_dir}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
+                                          f"expected {dtype} {list(shapes[name])}")
+                pending[name] = tensor
+                if progress is not None:
+                    progress(sizes[name])
+            _save(tmp / file, shard, pending)
+            del pending
+        extra, _ = next(stream, (None, None))
+        if extra is not None:
+            raise CheckpointError(f"{out_dir}: tensor stream gave an unexpected tensor {extra}")
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {n: f for shard, f in zip(shards, files) for n in shard}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
 def _split(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     shards: list[list[str]] = [[]]
     used = 0
@@ -171,16 +212,6 @@ def _save(path: Path, names: list[str], hf_dict: Mapping[str, Tensor]) -> None:
     safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:12]}")
-    out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old)
-
-
 def load_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None,
                        arch: str) -> tuple[ModelConfig, dict[str, Tensor]]:
     """Read an HF-layout ``arch`` checkpoint: (its ModelConfig, HF name -> tensor in the stored dtype, on CPU).
@@ -188,13 +219,87 @@ def load_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None,
     With ``cfg``, config.json must agree with it on every field that shapes the model and ``cfg`` is
     returned; without, the config comes from config.json. Every tensor is checked (names and shapes, from
     the safetensors headers) before any data is read. Raises CheckpointError naming the file or tensor.
+    Holds the whole model in memory: use ``open_hf_checkpoint`` to stream a large one.
+    """
+    with open_hf_checkpoint(hf_dir, cfg, arch) as reader:
+        return reader.cfg, {name: reader.tensor(name) for name in reader.names}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+class HFCheckpointReader:
+    """An HF-layout checkpoint opened for streaming: every header validated, tensors read one at a time.
+
+    Tensors (or a block of rows / columns of one) are read through safetensors' memory map, so reading a
+    slice materialises only that slice. Build it with ``open_hf_checkpoint``; use it as a context manager.
+    """
+
+    def __init__(self, hf_dir: Path, cfg: ModelConfig, hf_config: dict[str, Any],
+                 handles: dict[Path, Any], where: dict[str, Path], dtypes: dict[str, torch.dtype]):
+        self.dir, self.cfg, self.hf_config = hf_dir, cfg, hf_config
+        self._handles, self._where, self.dtypes = handles, where, dtypes
+        self._hf_names = ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias)
+        self.names = list(self._hf_names.values())  # HF names in model order
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self._handles)
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of every tensor, or None when they differ."""
+        kinds = set(self.dtypes.values())
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def tensor(self, name: str) -> Tensor:
+        return self.slice(name)
+
+    def slice(self, name: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
+        """HF tensor ``name`` (rows ``rows`` and/or columns ``cols`` of it only), a fresh CPU tensor."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.dir}: no tensor {name}")
+        path = self._where[name]
+        try:
+            view = self._handles[path].get_slice(name)
+            if rows is None and cols is None:
+                out = view[:]
+            elif cols is None:
+                out = view[rows]
+            else:
+                out = view[rows or slice(None), cols]
+        except (safetensors.SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from None
+        return out.contiguous()
+
+    def read(self, canonical: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
+        """Like ``slice`` with a canonical name (``layers.3.q``, ``embed``)."""
+        return self.slice(self._hf_names[canonical], rows, cols)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "HFCheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None, arch: str) -> HFCheckpointReader:
+    """Open an HF-layout ``arch`` checkpoint for streaming, validating it completely without reading data.
+
+    config.json (against ``cfg`` when given, as ``load_hf_checkpoint``), the index, every shard's header and
+    size (a truncated file fails here), every tensor name and shape are checked first; CheckpointError names
+    the file or tensor.
     """
     hf_dir = Path(hf_dir)
     if cfg is not None and cfg.arch != arch:
         raise ValueError(f"cfg.arch={cfg.arch!r} but arch={arch!r}")
     config_path = hf_dir / CONFIG_FILE
+    hf_config = _read_json(config_path)
     try:
-        file_cfg = hf_config_to_model_config(_read_json(config_path), arch, source=str(config_path))
+        file_cfg = hf_config_to_model_config(hf_config, arch, source=str(config_path))
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     if cfg is None:
@@ -203,10 +308,32 @@ def load_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None,
         _check_same_model(cfg, file_cfg, config_path)
 
     files = _tensor_files(hf_dir)
-    errors = layout_errors(cfg, _collect(files, lambda f, name: f.get_slice(name).get_shape()))
+    handles: dict[Path, Any] = {}
+    where: dict[str, Path] = {}
+    shapes: dict[str, list[int]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for path, names in files.items():
+        try:
+            handle = safetensors.safe_open(str(path), framework="pt", device="cpu")
+            stored = handle.keys()
+            absent = sorted(set(names or ()) - set(stored))
+            if absent:
+                raise CheckpointError(f"{path}: has no tensor(s) {', '.join(absent)} listed in {INDEX_FILE}")
+            for name in names or stored:
+                view = handle.get_slice(name)
+                shapes[name], where[name] = view.get_shape(), path
+                kind = view.get_dtype()
+                if kind not in _DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {kind}, not a float type")
+                dtypes[name] = _DTYPES[kind]
+        except (safetensors.SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") \
+                from None
+        handles[path] = handle
+    errors = layout_errors(cfg, shapes)
     if errors:
         raise CheckpointError(f"{hf_dir}: does not match the {arch} config: " + "; ".join(errors))
-    return cfg, _collect(files, lambda f, name: f.get_tensor(name))
+    return HFCheckpointReader(hf_dir, cfg, hf_config, handles, where, dtypes)
 
 
 def _check_same_model(cfg: ModelConfig, file_cfg: ModelConfig, config_path: Path) -> None:
@@ -246,21 +373,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: top level must be a JSON object")
     return data
-
-
-def _collect(files: dict[Path, list[str] | None], fetch: Callable[[Any, str], Any]) -> dict[str, Any]:
-    """name -> ``fetch(open safetensors file, name)`` over every file; errors name the file (and tensor)."""
-    out = {}
-    for path, names in files.items():
-        try:
-            with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
-                stored = f.keys()
-                absent = sorted(set(names or ()) - set(stored))
-                if absent:
-                    raise CheckpointError(f"{path}: has no tensor(s) {', '.join(absent)} listed in {INDEX_FILE}")
-                for name in names or stored:
-                    out[name] = fetch(f, name)
-        except (safetensors.SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") \
-                from None
-    return out

@@ -1,0 +1,112 @@
+"""Run a conversion on TP x PP ranks: in this process when a launcher (torchrun, srun) already started that
+many, else as local CPU processes joined by gloo.
+
+Local workers see no GPU (``CUDA_VISIBLE_DEVICES=""``): conversion moves bytes, it needs no accelerator, and
+the CPU path is the one the tests exercise. The first failing rank stops the others; its error (a
+CheckpointError or ConfigError keeps its one-line message) is raised in the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from mdu_dist.checkpoint.errors import CheckpointError
+from mdu_dist.config import ConfigError
+
+_LAUNCHED = ("RANK", "WORLD_SIZE")
+
+
+def launched_world_size() -> int | None:
+    """The world size a launcher started this process in (torchrun's or Slurm's variables), else None."""
+    if all(k in os.environ for k in _LAUNCHED):
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
+    import warnings
+
+    import torch
+
+    # Library chatter that says nothing about the conversion (fallbacks, deprecations inside megatron/DCP).
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(threads)
+    try:
+        results.put((rank, None, fn(*args)))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
+        kind = "known" if isinstance(e, (CheckpointError, ConfigError)) else "crash"
+        results.put((rank, (kind, str(e), traceback.format_exc()), None))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None = None) -> list[Any]:
+    """``fn(*args)`` on ``world_size`` ranks; returns the per-rank results (only this rank's when launched)."""
+    launched = launched_world_size()
+    if launched is not None:
+        if launched != world_size:
+            raise CheckpointError(f"started by a launcher with {launched} processes, but this job needs "
+                                  f"TP x PP = {world_size}: launch {world_size} or run it without a launcher")
+        return [fn(*args)]
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port, threads = _free_port(), max(1, (os.cpu_count() or 1) // world_size)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, fn, args, results), daemon=False)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    done: dict[int, Any] = {}
+    failure: tuple[int, tuple[str, str, str]] | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while len(done) < world_size and failure is None:
+            try:
+                rank, error, value = results.get(timeout=1.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in done]
+                if dead:
+                    failure = (dead[0], ("crash", f"exit code {procs[dead[0]].exitcode}", "(no traceback)"))
+                elif deadline is not None and time.monotonic() > deadline:
+                    failure = (-1, ("crash", f"timed out after {timeout:.0f} s", ""))
+                continue
+            if error is None:
+                done[rank] = value
+            else:
+                failure = (rank, error)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failure else 120)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure is not None:
+        rank, (kind, message, tb) = failure
+        if kind == "known":
+            raise CheckpointError(message)
+        raise RuntimeError(f"rank {rank} of {world_size} failed: {message}\n{tb}")
+    return [done[r] for r in range(world_size)]
