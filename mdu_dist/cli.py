@@ -9,7 +9,9 @@ import platform
 import sys
 import warnings
 
+from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError, load_config
+from mdu_dist.data import DataError
 
 
 def _version(module: str) -> str:
@@ -65,6 +67,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it, else on
+    ``--nproc`` local processes (default TP x PP)."""
+    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.trainer import read_sources, run_job
+
+    cfg = load_config(args.config, args.overrides)
+    read_sources(cfg, args.command)  # fail on bad data here, before any process starts
+    nproc = args.nproc or cfg.parallel.tensor * cfg.parallel.pipeline
+    results = run_ranks(run_job, nproc, cfg, args.command)
+    final = results[-1]
+    print(f"{args.command} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    print(f"checkpoints: {cfg.train.output_dir}/checkpoints   TensorBoard: "
+          f"tensorboard --logdir {cfg.train.output_dir}/tensorboard")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdu-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--world-size", type=int, help="world size to plan for (default: launcher's, else TP x PP)")
     info.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     info.set_defaults(func=cmd_info)
+    for job, text in (("finetune", "teach a backbone a dataset with the masked-diffusion SFT loss"),
+                      ("unlearn", "unlearn the forget set with MDU or a baseline (method.name)")):
+        p = sub.add_parser(job, help=text)
+        p.add_argument("--config", help="YAML config (default: the built-in defaults)")
+        p.add_argument("--nproc", type=int, help="local processes when not under a launcher (default TP x PP)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        p.set_defaults(func=cmd_train)
     importlib.import_module("mdu_dist.checkpoint.commands").register(sub)
     return parser
 
@@ -84,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"mdu-dist: error: {e}", file=sys.stderr)
         return 2
 

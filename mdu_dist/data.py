@@ -73,7 +73,8 @@ def resolve_source(source: str, tofu_dir: str | Path) -> Path:
     split = Path(tofu_dir) / f"{source}.json"
     if split.exists():
         return split
-    known = sorted(p.stem for p in Path(tofu_dir).glob("*.json")) if Path(tofu_dir).is_dir() else []
+    known = (sorted(p.stem for p in Path(tofu_dir).glob("*.json") if p.stem != "MANIFEST")
+             if Path(tofu_dir).is_dir() else [])
     raise DataError(f"data source {source!r}: neither a .json/.jsonl file nor a TOFU split in {tofu_dir}"
                     + (f" (splits: {', '.join(known)})" if known else ""))
 

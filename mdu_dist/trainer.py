@@ -88,6 +88,20 @@ def barrier() -> None:
 
 
 
+def read_sources(cfg, job: str) -> dict:
+    """The question/answer rows a job trains on, validated (a missing split, a row without ``answer`` and an
+    empty file each raise DataError naming the file and row)."""
+    from mdu_dist.data import load_lines, load_pairs
+
+    d, limit = cfg.data, cfg.data.limit or None
+    if job == "finetune":
+        return {"train": load_pairs(d.finetune, d.tofu_dir, limit)}
+    pairs = {"forget": load_pairs(d.forget, d.tofu_dir, limit), "retain": load_pairs(d.retain, d.tofu_dir, limit)}
+    if cfg.method.name == "dpo":
+        pairs["idk"] = load_lines(d.idk_path())
+    return pairs
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (``step-N`` with its ``trainer_state.json``)."""
     done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
@@ -110,8 +124,9 @@ class Trainer:
         self.writer_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                             and self.dp_rank == 0)
         m = cfg.model
+        pairs = read_sources(cfg, job)  # bad data fails here, before anything is written
         self.tokenizer_dir = self._tokenizer_dir()
-        self.data = self._data()
+        self.data = self._encode(pairs)
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
@@ -147,19 +162,18 @@ class Trainer:
         barrier()
         return path
 
-    def _data(self):
-        from mdu_dist.data import ForgetRetainData, SFTData, load_lines, load_pairs, load_tokenizer
+    def _encode(self, pairs: dict):
+        from mdu_dist.data import ForgetRetainData, SFTData, load_tokenizer
 
-        d, limit = self.cfg.data, self.cfg.data.limit or None
         tok = load_tokenizer(self.tokenizer_dir)
         if len(tok) > self.cfg.model.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(tok)} tokens, more than "
                               f"model.vocab_size={self.cfg.model.vocab_size}")
+        max_length = self.cfg.data.max_length
         if self.job == "finetune":
-            return SFTData(tok, load_pairs(d.finetune, d.tofu_dir, limit), d.max_length)
-        idk = load_lines(d.idk_path()) if self.cfg.method.name == "dpo" else None
-        return ForgetRetainData(tok, load_pairs(d.forget, d.tofu_dir, limit),
-                                load_pairs(d.retain, d.tofu_dir, limit), d.max_length, idk, seed=self.cfg.train.seed)
+            return SFTData(tok, pairs["train"], max_length)
+        return ForgetRetainData(tok, pairs["forget"], pairs["retain"], max_length, pairs.get("idk"),
+                                seed=self.cfg.train.seed)
 
     def _load_initial_weights(self) -> None:
         """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""

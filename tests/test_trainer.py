@@ -1,0 +1,130 @@
+"""The unlearning trainer end to end through the CLI, on CPU processes joined by gloo.
+
+- TP=1, TP=2 and TP=1 x PP=2 runs of MDU from the same weights and seed agree: loss curves (read back from the
+  TensorBoard event files, which must hold the documented tags) and final weights (read from the checkpoints)
+  to 1e-4.
+- A run killed with SIGKILL mid-save, then resumed with ``train.resume=auto``, reproduces the uninterrupted
+  loss curve exactly.
+- Bad input fails with one line naming the file / key, before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96", "model.vocab_size=1000",
+        "model.num_attention_heads=4", "model.num_query_groups=4", "model.make_vocab_size_divisible_by=8",
+        "data.limit=8", "data.max_length=128", "optim.micro_batch_size=2", "optim.lr=1e-3",
+        "optim.warmup_steps=1", "train.seed=3", "method.name=mdu", "method.tau=0.5"]
+UNLEARN_TAGS = {"unlearn/forget-loss", "unlearn/retain-loss", "unlearn/kl", "learning-rate", "grad-norm",
+                "throughput", "step-time"}
+
+
+def _cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                                str(Path("build/torch_extensions").absolute()))}
+    proc = subprocess.run([sys.executable, "-m", "mdu_dist.cli", *args], capture_output=True, text=True, env=env,
+                          **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mdu-dist {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _final_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    from mdu_dist.checkpoint.dist import open_dist_checkpoint
+
+    reader = open_dist_checkpoint(run / "checkpoints" / f"step-{step}" / "model")
+    return dict(reader.canonical_tensors())
+
+
+def test_tp_and_pp_layouts_agree(tmp_path):
+    runs = {}
+    for name, layout in {"tp1": [], "tp2": ["parallel.tensor=2"], "pp2": ["parallel.pipeline=2"]}.items():
+        runs[name] = tmp_path / name
+        _cli("unlearn", "--config", "configs/llada_tiny.yaml", *TINY, *layout, "train.max_steps=3",
+             f"train.output_dir={runs[name]}")
+    reference = _scalars(runs["tp1"])
+    assert UNLEARN_TAGS <= set(reference), f"missing TensorBoard tags: {UNLEARN_TAGS - set(reference)}"
+    assert [s for s, _ in reference["unlearn/forget-loss"]] == [1, 2, 3]
+    want = _final_weights(runs["tp1"], 3)
+    for name in ("tp2", "pp2"):
+        got = _scalars(runs[name])
+        for tag in ("unlearn/forget-loss", "unlearn/retain-loss", "grad-norm"):
+            for (s1, a), (s2, b) in zip(reference[tag], got[tag], strict=True):
+                assert s1 == s2 and abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"{name} {tag} step {s1}: {a} vs {b}"
+        weights = _final_weights(runs[name], 3)
+        for key, tensor in want.items():
+            assert (weights[key] - tensor).abs().max().item() <= 1e-4, f"{name}: weight {key} differs"
+    # The weights moved: the comparison above is not between three untouched initialisations.
+    initial = _final_weights(runs["tp1"], 3)["lm_head"]
+    assert not torch.equal(initial, torch.zeros_like(initial))
+
+
+def test_sigkill_mid_save_then_resume_replays_exactly(tmp_path):
+    args = ["unlearn", "--config", "configs/llada_tiny.yaml", *TINY, "train.max_steps=4", "train.save_every=1"]
+    whole = tmp_path / "whole"
+    _cli(*args, f"train.output_dir={whole}")
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path("build/torch_extensions").absolute())}
+    proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *args, f"train.output_dir={cut}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    partial = cut / "checkpoints" / ".step-3.partial"
+    deadline = time.monotonic() + 300
+    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the CLI and its rank
+    proc.wait()
+    assert partial.exists(), "the run ended before it began saving step 3"
+    assert not (cut / "checkpoints" / "step-3").exists()
+
+    _cli(*args, f"train.output_dir={cut}", "train.resume=auto")
+    a, b = _scalars(whole), _scalars(cut)
+    for tag in ("unlearn/forget-loss", "unlearn/retain-loss", "grad-norm", "learning-rate"):
+        # The killed run may have logged step 3 before dying; the resumed run logs it again (last one wins).
+        curve_a, curve_b = dict(a[tag]), dict(b[tag])
+        assert sorted(curve_b) == [1, 2, 3, 4]
+        assert curve_a == curve_b, f"{tag}: resumed {curve_b} != uninterrupted {curve_a}"
+    wa, wb = _final_weights(whole, 4), _final_weights(cut, 4)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["data.forget=forget99"], "data source 'forget99': neither a .json/.jsonl file nor a TOFU split"),
+    (["parallel.pipeline=2", "optim.zero_stage=3"], "optim.zero_stage=3 cannot be used with parallel.pipeline=2"),
+    (["method.name=rmu"], "method.name='rmu' is not a known method"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, needle):
+    out = tmp_path / "run"
+    proc = _cli("unlearn", "--config", "configs/llada_tiny.yaml", *TINY, *overrides, f"train.output_dir={out}",
+                check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert not out.exists()
+
+
+def test_row_without_answer_is_named(tmp_path):
+    bad = tmp_path / "forget.jsonl"
+    bad.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "response": "a2"}\n')
+    out = tmp_path / "run"
+    proc = _cli("unlearn", "--config", "configs/llada_tiny.yaml", *TINY, f"data.forget={bad}",
+                f"train.output_dir={out}", check=False)
+    assert proc.returncode == 2
+    assert "forget.jsonl: row 2 has no 'answer'" in proc.stderr
+    assert not out.exists()
