@@ -84,6 +84,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``eval``: TOFU metrics of ``eval.checkpoint`` on TP local ranks (or under a launcher)."""
+    from mdu_dist.eval.run import main_eval
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = main_eval(cfg)
+    shown = {k: v for k, v in metrics.items() if v is not None and not k.endswith("_f1")}
+    print("eval finished: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    print(f"results: {cfg.eval.output_dir}/eval.json and {cfg.eval.output_dir}/eval.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mdu_dist.demo import main_demo
+
+    return main_demo(args.config, args.overrides, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdu-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--nproc", type=int, help="local processes when not under a launcher (default TP x PP)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         p.set_defaults(func=cmd_train)
+    ev = sub.add_parser("eval", help="TOFU metrics (probability, ROUGE-L, truth ratio, forget quality, model "
+                                     "utility) of a checkpoint: eval.json and eval.md")
+    ev.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    ev.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (eval.checkpoint=...)")
+    ev.set_defaults(func=cmd_eval)
+    demo = sub.add_parser("demo", help="the whole pipeline on CPU: fine-tune, unlearn (MDU and baselines), "
+                                       "evaluate, results table and plots")
+    demo.add_argument("--config", default=None, help="demo YAML (default: configs/demo.yaml's settings)")
+    demo.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny sizes, few steps)")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo setting overrides")
+    demo.set_defaults(func=cmd_demo)
     importlib.import_module("mdu_dist.checkpoint.commands").register(sub)
     return parser
 

@@ -18,6 +18,7 @@ import yaml
 # Each run section is defined next to the code it configures; Config composes them.
 from mdu_dist.data import DataConfig
 from mdu_dist.errors import ConfigError
+from mdu_dist.eval.run import EvalConfig
 from mdu_dist.methods import MethodConfig
 from mdu_dist.optim import OptimConfig, check_pipeline
 from mdu_dist.trainer import TrainConfig
@@ -101,9 +102,10 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train):
+        for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train, self.eval):
             section.validate()
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
         check_pipeline(self.optim, self.parallel.pipeline)

@@ -1,0 +1,391 @@
+"""``mdu-dist eval``: TOFU metrics of one checkpoint, written as ``eval.json`` and ``eval.md``.
+
+Per split (forget, retain, real_authors, world_facts; each optionally limited to its first ``eval.limit`` rows):
+
+- probability: LLaDA's Monte-Carlo ELBO of the answer (``eval.num_samples`` draws; 128 for the real benchmark),
+  exp(-per-token NLL); for real_authors / world_facts normalised over the answer and its wrong options
+  (``perturbed_answer``), as open-unlearning's ``probability_w_options``;
+- ROUGE-L recall (and F1) of a greedy low-confidence-remasking generation against the answer (the generation is
+  cut at the first end-of-turn / EOS token and decoded without special tokens);
+- truth ratio: perturbed answers against the paraphrased answer (forget, retain) or the answer (real_authors,
+  world_facts), from the ``*_perturbed`` files;
+- forget quality: KS p-value of this model's per-item forget truth ratios against those of a retain-only model,
+  read from the ``eval.json`` that an earlier ``mdu-dist eval`` of that model wrote (``eval.retain_model_eval``);
+- model utility: harmonic mean of the nine utility numbers (``MODEL_UTILITY_KEYS``).
+
+Every random draw is seeded by (``eval.seed``, split, row, answer), so a row's numbers do not depend on
+``eval.limit`` or on the TP layout. Runs on TP ranks (PP = 1): every rank computes, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mdu_dist.errors import ConfigError
+
+SPLITS = ("forget", "retain", "real_authors", "world_facts")
+PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
+
+
+@dataclass
+class EvalConfig:
+    """``mdu-dist eval``: what to evaluate and how hard."""
+
+    checkpoint: str = ""  # an mdu-dist checkpoint (…/step-N/model), a run dir (its latest step), or an HF dir
+    tokenizer: str = ""  # "" = the checkpoint's hf_files/ (or the HF dir itself)
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))  # any of forget, retain, real_authors, world_facts
+    forget: str = "forget10_perturbed"  # sources (TOFU split name or JSON/JSONL file) with the perturbed fields
+    retain: str = "retain_perturbed"
+    real_authors: str = "real_authors_perturbed"
+    world_facts: str = "world_facts_perturbed"
+    limit: int = 0  # first N rows of each split (0 = all); small numbers for CPU runs
+    num_samples: int = 128  # ELBO Monte-Carlo samples per answer (128 for the real benchmark)
+    batch_size: int = 32  # ELBO samples per forward
+    gen_length: int = 128  # generated tokens for ROUGE
+    steps: int = 128  # sampler steps (over the whole generation)
+    block_length: int = 32  # semi-autoregressive block length
+    gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
+    retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    progress: bool = True  # tqdm bars
+
+    def validate(self, where: str = "eval") -> None:
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits:
+            raise ConfigError(f"{where}.splits={self.splits}: each must be one of {', '.join(SPLITS)}")
+        for name in ("num_samples", "batch_size", "gen_length", "steps", "block_length", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if self.limit < 0:
+            raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+        if self.gen_length % self.block_length:
+            raise ConfigError(f"{where}.gen_length={self.gen_length} is not a multiple of "
+                              f"block_length={self.block_length}")
+        if self.steps % (self.gen_length // self.block_length):
+            raise ConfigError(f"{where}.steps={self.steps} is not a multiple of the number of blocks "
+                              f"({self.gen_length // self.block_length})")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    answer: str
+    correct: str  # the answer the truth ratio compares against (paraphrase for forget/retain)
+    wrong: tuple[str, ...]  # perturbed answers
+
+
+def load_items(split: str, source: str, tofu_dir: str, limit: int) -> list[Item]:
+    from mdu_dist.data import DataError, _rows, resolve_source
+
+    path = resolve_source(source, tofu_dir)
+    items = []
+    for n, row in enumerate(_rows(path), 1):
+        if limit and len(items) >= limit:
+            break
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
+                raise DataError(f"{path}: row {n} has no {key!r} (a non-empty string is required)")
+        wrong = row.get("perturbed_answer")
+        if isinstance(wrong, str):
+            wrong = [wrong]
+        if not wrong or not all(isinstance(w, str) and w.strip() for w in wrong):
+            raise DataError(f"{path}: row {n} has no 'perturbed_answer' (a list of strings, for the truth ratio)")
+        correct = row["answer"]
+        if split in ("forget", "retain"):
+            correct = row.get("paraphrased_answer")
+            if not isinstance(correct, str) or not correct.strip():
+                raise DataError(f"{path}: row {n} has no 'paraphrased_answer' (needed on the {split} split)")
+        items.append(Item(row["question"], row["answer"], correct, tuple(wrong)))
+    if not items:
+        raise DataError(f"{path}: no rows")
+    return items
+
+
+def resolve_checkpoint(path: str) -> tuple[Path, str]:
+    """(directory, kind): kind is "dist" (mdu-dist checkpoint) or "hf". A run directory means its latest step."""
+    from mdu_dist.checkpoint.dist import MANIFEST
+    from mdu_dist.checkpoint.errors import CheckpointError
+    from mdu_dist.trainer import latest_checkpoint
+
+    if not path:
+        raise ConfigError("eval.checkpoint is not set (a …/checkpoints/step-N/model directory, a run dir or an HF dir)")
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: checkpoint directory not found")
+    for root in (p, p / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            p = latest / "model"
+            break
+    if (p / "model" / MANIFEST).exists() and not (p / MANIFEST).exists():
+        p = p / "model"
+    if (p / MANIFEST).exists():
+        return p, "dist"
+    if (p / "config.json").exists():
+        return p, "hf"
+    raise CheckpointError(f"{p}: neither an mdu-dist checkpoint ({MANIFEST}) nor an HF checkpoint (config.json)")
+
+
+def resolve_tokenizer(cfg, ckpt: Path) -> Path:
+    from mdu_dist.data import DataError
+
+    if cfg.eval.tokenizer:
+        return Path(cfg.eval.tokenizer)
+    for candidate in (ckpt / "hf_files", ckpt):
+        if (candidate / "tokenizer.json").exists() or (candidate / "tokenizer_config.json").exists():
+            return candidate
+    raise DataError(f"{ckpt}: no tokenizer in the checkpoint; set eval.tokenizer")
+
+
+def check_inputs(cfg) -> None:
+    """Everything that can fail before a process starts: checkpoint, tokenizer, data, PP, retain-model file."""
+    if cfg.parallel.pipeline != 1:
+        raise ConfigError(f"mdu-dist eval runs on tensor-parallel ranks only: parallel.pipeline="
+                          f"{cfg.parallel.pipeline} is not supported (set parallel.pipeline=1; any saved "
+                          f"layout loads)")
+    ckpt, _ = resolve_checkpoint(cfg.eval.checkpoint)
+    resolve_tokenizer(cfg, ckpt)
+    for split in cfg.eval.splits:
+        load_items(split, getattr(cfg.eval, split), cfg.data.tofu_dir, cfg.eval.limit)
+    if cfg.eval.retain_model_eval:
+        retain_model_truth_ratios(cfg.eval.retain_model_eval)
+
+
+def retain_model_truth_ratios(path: str) -> list[float]:
+    from mdu_dist.data import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: retain-model eval file not found (eval.retain_model_eval)")
+    try:
+        return [float(x) for x in json.loads(p.read_text())["items"]["forget"]["truth_ratio"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise DataError(f"{p}: not an eval.json with items.forget.truth_ratio") from None
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+def _seed(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32("/".join(map(str, parts)).encode()))
+
+
+class Evaluator:
+    """One model on this rank's TP slice; ``logits`` is the full forward of the (PP = 1) stage."""
+
+    def __init__(self, cfg, ckpt: Path, kind: str, tokenizer_dir: Path):
+        from megatron.core import parallel_state as ps
+
+        from mdu_dist.data import load_tokenizer
+        from mdu_dist.models.mcore import build_stage
+
+        self.cfg, self.e, m = cfg, cfg.eval, cfg.model
+        self.tok = load_tokenizer(tokenizer_dir)
+        if len(self.tok) > m.vocab_size:
+            raise ConfigError(f"tokenizer {tokenizer_dir} has {len(self.tok)} tokens, more than "
+                              f"model.vocab_size={m.vocab_size}")
+        self.stage = build_stage(m).eval()
+        if kind == "dist":
+            from mdu_dist.checkpoint.dist import load_model_checkpoint
+
+            load_model_checkpoint(self.stage, ckpt)
+        else:
+            from mdu_dist.checkpoint.convert import load_hf_into_stage
+            from mdu_dist.checkpoint.hf import open_hf_checkpoint
+
+            with open_hf_checkpoint(ckpt, m, m.arch) as reader:
+                load_hf_into_stage(self.stage, reader)
+        tp = ps.get_tensor_model_parallel_world_size()
+        self.group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+        self.show = self.e.progress and torch.distributed.get_rank() == 0
+        stops = {m.eos_token_id, m.pad_token_id}
+        for name in ("<|eot|>", "<|eot_id|>", "<|im_end|>", "<|endoftext|>"):
+            tid = self.tok.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != self.tok.unk_token_id and tid >= 0:
+                stops.add(tid)
+        if self.tok.eos_token_id is not None:
+            stops.add(self.tok.eos_token_id)
+        self.stops = stops
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        from mdu_dist.distributed import device
+
+        return self.stage(ids.to(device())).float()
+
+    def encode(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from mdu_dist.data import QA, encode_pair
+
+        ids, n_prompt = encode_pair(self.tok, QA(question, answer), self.cfg.data.max_length)
+        ids = torch.tensor(ids, dtype=torch.long)
+        if ids.numel() <= n_prompt:
+            raise ConfigError(f"data.max_length={self.cfg.data.max_length} leaves no answer token: {question[:60]!r}")
+        return ids[:n_prompt], ids[n_prompt:]
+
+    def nll(self, split: str, row: int, which: str, question: str, answer: str) -> float:
+        from mdu_dist.eval.likelihood import answer_elbo
+
+        prompt, ans = self.encode(question, answer)
+        est = answer_elbo(self.logits, prompt, ans, mask_token_id=self.cfg.model.mask_token_id,
+                          vocab_size=self.cfg.model.vocab_size, generator=_seed(self.e.seed, split, row, which),
+                          num_samples=self.e.num_samples, batch_size=self.e.batch_size,
+                          vocab_start=self.stage.vocab_start, group=self.group)
+        return est.nll
+
+    def generate(self, questions: list[str], desc: str) -> list[str]:
+        from tqdm import tqdm
+
+        from mdu_dist.data import QA, encode_pair
+        from mdu_dist.eval.sampler import generate
+
+        prompts = [encode_pair(self.tok, QA(q, "x"), self.cfg.data.max_length) for q in questions]
+        prompts = [ids[:n] for ids, n in prompts]
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        batches = [rows[i: i + self.e.gen_batch_size] for rows in by_length.values()
+                   for i in range(0, len(rows), self.e.gen_batch_size)]
+        out: list[str] = [""] * len(questions)
+        for rows in tqdm(batches, desc=desc, disable=not self.show, leave=False):
+            prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
+            tokens = generate(self.logits, prompt, gen_length=self.e.gen_length, steps=self.e.steps,
+                              block_length=self.e.block_length, mask_token_id=self.cfg.model.mask_token_id,
+                              vocab_size=self.cfg.model.vocab_size, temperature=0.0,
+                              vocab_start=self.stage.vocab_start, group=self.group).cpu().tolist()
+            for i, seq in zip(rows, tokens):
+                cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))
+                out[i] = self.tok.decode(seq[:cut], skip_special_tokens=True).strip()
+        return out
+
+    def split(self, split: str, items: list[Item]) -> tuple[dict[str, float], dict[str, list]]:
+        from tqdm import tqdm
+
+        from mdu_dist.eval import metrics as M
+
+        answer_nll, correct_nll, wrong_nll = [], [], []
+        for i, it in enumerate(tqdm(items, desc=f"{split}: ELBO", disable=not self.show, leave=False)):
+            a = self.nll(split, i, "answer", it.question, it.answer)
+            answer_nll.append(a)
+            correct_nll.append(a if it.correct == it.answer else self.nll(split, i, "correct", it.question, it.correct))
+            wrong_nll.append([self.nll(split, i, f"wrong{j}", it.question, w) for j, w in enumerate(it.wrong)])
+        k = min(len(w) for w in wrong_nll)
+        wrong = [w[:k] for w in wrong_nll]  # open-unlearning stacks the options: equal counts
+        generations = self.generate([it.question for it in items], f"{split}: generate")
+        rouge = [M.rouge_l(g, it.answer) for g, it in zip(generations, items)]
+        tr = M.truth_ratios(correct_nll, wrong)
+        p = PREFIX[split]
+        out = {f"{p}_Q_A_ROUGE": float(sum(r.recall for r in rouge) / len(rouge)),
+               f"{p}_Q_A_ROUGE_f1": float(sum(r.fmeasure for r in rouge) / len(rouge))}
+        if split in ("real_authors", "world_facts"):
+            out[f"{p}_Q_A_Prob_normalised"] = M.normalised_probability(answer_nll, wrong)
+            out[f"{p}_Q_A_Prob"] = M.probability(answer_nll)
+            out[f"{p}_Truth_Ratio"] = M.utility_truth_ratio(tr)
+        elif split == "retain":
+            out["retain_Q_A_Prob"] = M.probability(answer_nll)
+            out["retain_Truth_Ratio"] = M.utility_truth_ratio(tr)
+        else:
+            out["forget_Q_A_Prob"] = M.probability(answer_nll)
+            out["forget_truth_ratio"] = M.forget_truth_ratio(tr)
+        per_item = {"question": [it.question for it in items], "answer": [it.answer for it in items],
+                    "generation": generations, "rouge_recall": [r.recall for r in rouge],
+                    "answer_nll": answer_nll, "correct_nll": correct_nll, "wrong_nll": wrong,
+                    "truth_ratio": [float(x) for x in tr]}
+        return out, per_item
+
+
+def evaluate(cfg) -> dict:
+    """Collective over the TP ranks of an initialised process group: every split, the aggregate numbers."""
+    from mdu_dist.eval import metrics as M
+
+    e = cfg.eval
+    ckpt, kind = resolve_checkpoint(e.checkpoint)
+    ev = Evaluator(cfg, ckpt, kind, resolve_tokenizer(cfg, ckpt))
+    metrics: dict[str, float | None] = {}
+    items: dict[str, dict] = {}
+    timing: dict[str, float] = {}
+    for split in e.splits:
+        start = time.perf_counter()
+        numbers, items[split] = ev.split(split, load_items(split, getattr(e, split), cfg.data.tofu_dir, e.limit))
+        metrics.update(numbers)
+        timing[split] = round(time.perf_counter() - start, 2)
+    metrics["forget_quality"] = None
+    if e.retain_model_eval and "forget" in items:
+        metrics["forget_quality"] = M.forget_quality(items["forget"]["truth_ratio"],
+                                                     retain_model_truth_ratios(e.retain_model_eval))
+    metrics["model_utility"] = (M.model_utility({k: metrics[k] for k in M.MODEL_UTILITY_KEYS})
+                                if all(k in metrics for k in M.MODEL_UTILITY_KEYS)
+                                else None)
+    return {"checkpoint": str(ckpt), "metrics": metrics, "items": items, "seconds": timing,
+            "config": {"eval": asdict(e), "model": asdict(cfg.model), "max_length": cfg.data.max_length}}
+
+
+ROWS = (  # (label, key) in the Markdown table
+    ("forget ROUGE-L recall", "forget_Q_A_ROUGE"), ("forget probability", "forget_Q_A_Prob"),
+    ("forget truth ratio", "forget_truth_ratio"), ("forget quality (KS p)", "forget_quality"),
+    ("retain ROUGE-L recall", "retain_Q_A_ROUGE"), ("retain probability", "retain_Q_A_Prob"),
+    ("retain truth ratio", "retain_Truth_Ratio"),
+    ("real authors ROUGE-L recall", "ra_Q_A_ROUGE"), ("real authors probability (normalised)", "ra_Q_A_Prob_normalised"),
+    ("real authors truth ratio", "ra_Truth_Ratio"),
+    ("world facts ROUGE-L recall", "wf_Q_A_ROUGE"), ("world facts probability (normalised)", "wf_Q_A_Prob_normalised"),
+    ("world facts truth ratio", "wf_Truth_Ratio"), ("model utility", "model_utility"),
+)
+
+
+def fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}"
+
+
+def markdown(result: dict) -> str:
+    m = result["metrics"]
+    lines = [f"# TOFU evaluation of `{result['checkpoint']}`", "",
+             f"ELBO samples: {result['config']['eval']['num_samples']}; rows per split: "
+             f"{ {s: len(v['question']) for s, v in result['items'].items()} }", "",
+             "| metric | key | value |", "|---|---|---|"]
+    lines += [f"| {label} | `{key}` | {fmt(m.get(key))} |" for label, key in ROWS if key in m]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_eval(cfg) -> dict:
+    """Entry point of one rank: process groups, the evaluation, rank 0 writes eval.json / eval.md."""
+    import torch.distributed as dist
+
+    from mdu_dist import distributed
+
+    distributed.init(cfg.parallel, cfg.model)
+    try:
+        result = evaluate(cfg)
+        if dist.get_rank() == 0:
+            out = Path(cfg.eval.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "eval.json", json.dumps(result, indent=1, sort_keys=True))
+            write_atomic(out / "eval.md", markdown(result))
+        return result["metrics"]
+    finally:
+        distributed.shutdown()
+
+
+def main_eval(cfg) -> dict:
+    """``mdu-dist eval`` from a parent process: validated inputs, then TP local ranks (or this launcher rank)."""
+    from mdu_dist.checkpoint.launch import run_ranks
+
+    check_inputs(cfg)
+    return run_ranks(run_eval, cfg.parallel.tensor, cfg)[0]
