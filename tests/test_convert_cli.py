@@ -128,6 +128,8 @@ def test_layouts_and_dtypes_refused_up_front(tmp_path, sharded_dream, capsys):
     assert "parallel.tensor=4 does not divide the KV heads (num_query_groups=2)" in capsys.readouterr().err
     assert _h2d("dream", sharded_dream, tmp_path / "out", "--pp", "3") == 1
     assert "parallel.pipeline=3 does not divide num_layers=2" in capsys.readouterr().err
+    assert _h2d("dream", sharded_dream, tmp_path / "out", "model.vocab_multiple=8") == 2  # a config error
+    assert "unknown key model.vocab_multiple" in capsys.readouterr().err
     (tmp_path / "out").mkdir()
     assert _h2d("dream", sharded_dream, tmp_path / "out") == 1
     assert "already exists" in capsys.readouterr().err

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -109,9 +110,20 @@ def test_trainer_checkpoint_reshards_model_only_and_loading_is_strict(tmp_path, 
     assert res["failed_save"] != "saved"
     assert res["tmp_listing"] == ["dream", "trainer"], "a failed save must leave nothing"
 
-    assert main(["reshard", "--in", str(tmp_path / "trainer"), "--out", str(tmp_path / "tp2"), "--tp", "2",
-                 "--no-progress"]) == 0
+    # The trainer's layout: step-N/{model (an mdu-dist checkpoint), deepspeed, trainer_state.json}.
+    step = tmp_path / "checkpoints" / "step-7"
+    shutil.copytree(tmp_path / "trainer", step / "model")
+    (step / "deepspeed").mkdir()
+    (step / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"optimizer state")
+    (step / "trainer_state.json").write_text(json.dumps({"step": 7, "job": "unlearn", "total_steps": 9}))
+    assert main(["inspect", str(step), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer checkpoint" in out and "beside the model: deepspeed, trainer_state.json" in out
+
+    assert main(["reshard", "--in", str(step), "--out", str(tmp_path / "tp2"), "--tp", "2", "--no-progress"]) == 0
     err = capsys.readouterr().err
+    assert (f"{step} is a trainer checkpoint: its deepspeed, trainer_state.json (optimizer, scheduler and trainer "
+            f"state, saved for TP=1 PP=1) are NOT resharded") in err
     assert "component 'optimizer' (saved for TP=1 PP=1) is NOT resharded" in err
     info = read_info(tmp_path / "tp2")
     assert (info.tp, info.pp, info.step, info.components) == (2, 1, 7, {})

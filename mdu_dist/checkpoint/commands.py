@@ -23,11 +23,15 @@ def _size(text: str) -> int:
 
 
 def _run(fn, args: argparse.Namespace) -> int:
+    """Exit status: 0 done; 1 the checkpoint is refused or (inspect) corrupt; 2 a bad config or override."""
     try:
         return fn(args)
-    except (CheckpointError, ConfigError) as e:
+    except CheckpointError as e:
         print(f"mdu-dist: error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:
+        print(f"mdu-dist: error: {e}", file=sys.stderr)
+        return 2
 
 
 def _model_config(args: argparse.Namespace):

@@ -165,14 +165,29 @@ def hf_to_dist(hf_dir: str | Path, out: str | Path, arch: str, tp: int, pp: int,
     return out
 
 
+TRAINER_STATE = "trainer_state.json"
+
+
+def model_checkpoint_dir(path: str | Path) -> tuple[Path, list[str]]:
+    """The mdu-dist model checkpoint at ``path``: ``path`` itself, or ``path/model`` of a trainer checkpoint
+    (``step-N/{model, deepspeed, trainer_state.json}``); with the names of what sits beside it there."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file() and (path / "model" / MANIFEST).is_file():
+        return path / "model", sorted(p.name for p in path.iterdir() if p.name != "model")
+    return path, []
+
+
 def reshard(src: str | Path, out: str | Path, tp: int, pp: int, *, verify: bool = True,
             overwrite: bool = False, progress: bool = True) -> tuple[Path, list[str]]:
     """Re-save the model weights of dist checkpoint ``src`` for a TP x PP layout; returns (out, notes).
 
-    Model weights are always resharded (dist_checkpointing). Other components (the trainer's optimizer
-    state) are not: the notes say which were left out, and the output manifest records it.
+    Model weights are always resharded (dist_checkpointing). Optimizer and other training state (components
+    saved with the model, and a trainer checkpoint's DeepSpeed state) are not: the notes say what was left out,
+    and the output manifest records it. ``src`` may be a trainer checkpoint (``step-N``); the output is a
+    model-only dist checkpoint that keeps the step.
     """
     src, out = Path(src), Path(out)
+    src, beside = model_checkpoint_dir(src)
     info = read_info(src)
     try:
         check_layout(info.cfg, tp, pp)
@@ -181,6 +196,11 @@ def reshard(src: str | Path, out: str | Path, tp: int, pp: int, *, verify: bool 
     check_target(out, overwrite)
     _verify(info, verify, progress)
     notes = []
+    if beside:
+        notes.append(f"{src.parent} is a trainer checkpoint: its {', '.join(beside)} (optimizer, scheduler and "
+                     f"trainer state, saved for TP={info.tp} PP={info.pp}) are NOT resharded; {out} holds the model "
+                     f"weights (step {info.step}) only. Start a new run from them with train.init={out} (fresh "
+                     f"optimizer), or resume from {src.parent} with TP={info.tp} PP={info.pp} to keep that state.")
     for name, comp in sorted(info.components.items()):
         notes.append(f"component {name!r} (saved for TP={comp.get('tp')} PP={comp.get('pp')}) is NOT resharded: "
                      f"`mdu-dist reshard` carries model weights only, so {out} has no {name} state; a run resumed "
@@ -217,6 +237,7 @@ def dist_to_hf(src: str | Path, out: str | Path, *, arch: str | None = None,
     from tqdm import tqdm
 
     src, out = Path(src), Path(out)
+    src, _ = model_checkpoint_dir(src)
     info = read_info(src)
     if arch is not None and info.arch != arch:
         raise CheckpointError(f"{src / MANIFEST}: this is a {info.arch} checkpoint, not {arch}")
@@ -262,9 +283,19 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
     path = Path(path)
     if not (path / MANIFEST).is_file() and (path / CONFIG_FILE).is_file():
         return _inspect_hf(path)
+    trainer_dir = path
+    path, beside = model_checkpoint_dir(path)
     info = read_info(path)
     m = info.cfg
-    lines = [
+    lines = []
+    if beside:
+        try:
+            state = json.loads((trainer_dir / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            state = "unreadable or missing"
+        lines += [f"{trainer_dir}: trainer checkpoint ({TRAINER_STATE}: {state}); beside the model: "
+                  f"{', '.join(beside)} (not covered by the manifest's checksums)"]
+    lines += [
         f"{path}: mdu-dist dist checkpoint (megatron-core torch_dist), format version {info.manifest['version']}",
         f"architecture: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads / "
         f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
@@ -322,4 +353,4 @@ def _inspect_hf(path: Path) -> tuple[list[str], list[str]]:
 
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "dist_to_hf", "hf_side_files", "hf_to_dist", "inspect_checkpoint",
-           "load_hf_into_stage", "reshard"]
+           "load_hf_into_stage", "model_checkpoint_dir", "reshard"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -146,11 +148,11 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
                         overwrite: bool = False, progress: Callable[[int], None] | None = None) -> Path:
     """Write an HF-layout checkpoint from a stream of (HF name, tensor) pairs in model order, all or nothing.
 
-    The shard plan comes from the shapes, so at most one output shard is held at a time (safetensors
-    serialises a shard through one more copy of it: peak about twice ``max_shard_bytes`` plus what the stream
-    holds). config.json is ``base_config`` (the source checkpoint's, keeping keys mdu-dist does not model, e.g.
-    ``auto_map``) updated with ``cfg`` and ``dtype``. ``extra_files`` (tokenizer, HF code) are copied.
-    ``progress(nbytes)`` is called after each tensor.
+    The shard plan and every safetensors header come from the shapes, so each tensor is written to its file as
+    it arrives and dropped: nothing beyond what the stream itself holds stays in memory. config.json is
+    ``base_config`` (the source checkpoint's, keeping keys mdu-dist does not model, e.g. ``auto_map``) updated
+    with ``cfg`` and ``dtype``. ``extra_files`` (tokenizer, HF code) are copied. ``progress(nbytes)`` is called
+    after each tensor.
     """
     out_dir = Path(out_dir)
     names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
@@ -172,19 +174,19 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         stream = iter(tensors)
         for shard, file in zip(shards, files):
-            pending = {}
-            for want in shard:
-                name, tensor = next(stream, (None, None))
-                if name != want:
-                    raise CheckpointError(f"{out_dir}: tensor stream gave {name} where {want} was due")
-                if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
-                    raise CheckpointError(f"{out_dir}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
-                                          f"expected {dtype} {list(shapes[name])}")
-                pending[name] = tensor
-                if progress is not None:
-                    progress(sizes[name])
-            _save(tmp / file, shard, pending)
-            del pending
+            with open(tmp / file, "wb") as f:
+                _write_safetensors_header(f, shard, shapes, dtype)
+                for want in shard:
+                    name, tensor = next(stream, (None, None))
+                    if name != want:
+                        raise CheckpointError(f"{out_dir}: tensor stream gave {name} where {want} was due")
+                    if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
+                        raise CheckpointError(f"{out_dir}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
+                                              f"expected {dtype} {list(shapes[name])}")
+                    f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
+                    del tensor
+                    if progress is not None:
+                        progress(sizes[name])
         extra, _ = next(stream, (None, None))
         if extra is not None:
             raise CheckpointError(f"{out_dir}: tensor stream gave an unexpected tensor {extra}")
@@ -193,6 +195,28 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
                      "weight_map": {n: f for shard, f in zip(shards, files) for n in shard}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return out_dir
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_safetensors_header(f, names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> None:
+    """The safetensors header for ``names`` stored back to back in this order (the format: u64 little-endian
+    header length, JSON header padded with spaces to 8 bytes, then the raw little-endian tensor bytes)."""
+    if sys.byteorder != "little":
+        raise CheckpointError("writing safetensors needs a little-endian machine")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        size = math.prod(shapes[name]) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
 
 
 def _split(names: list[str], sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
