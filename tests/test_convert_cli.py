@@ -152,7 +152,7 @@ def test_worker_failure_leaves_no_output(tmp_path, sharded_dream, monkeypatch):
     from mdu_dist.checkpoint.atomic import partial_path
     from mdu_dist.checkpoint.errors import CheckpointError
 
-    def failing_workers(fn, world_size, *args):
+    def failing_workers(fn, world_size, *args, **kwargs):
         out = partial_path(tmp_path / "out")
         (out / "model").mkdir(parents=True)
         (out / "model" / "__0_0.distcp").write_bytes(b"half")

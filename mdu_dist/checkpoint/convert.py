@@ -86,7 +86,7 @@ def _hf_to_dist_rank(hf_dir: str, out: str, cfg: dict, tp: int, pp: int, dtype: 
         import torch.distributed as dist
 
         show = progress and dist.get_rank() == 0
-        _say(show, f"{tp * pp} ranks: building their stages ({dtype})")
+        _say(show, f"{tp * pp} rank(s): building their stages ({dtype})")
         with open_hf_checkpoint(hf_dir, model, model.arch) as reader:
             stage = build_stage(model, DTYPES[dtype])
             _say(show, "reading each rank's slices of the HF files")
@@ -108,7 +108,7 @@ def _reshard_rank(src: str, out: str, tp: int, pp: int, overwrite: bool, progres
         import torch.distributed as dist
 
         show = progress and dist.get_rank() == 0
-        _say(show, f"{tp * pp} ranks: building their stages, loading TP={info.tp} PP={info.pp} weights into them")
+        _say(show, f"{tp * pp} rank(s): building their stages, loading TP={info.tp} PP={info.pp} weights into them")
         stage = build_stage(info.cfg, info.dtype)
         load_model_checkpoint(stage, src, verify="size")
         _say(show, f"saving with dist_checkpointing (torch_dist) into {partial_path(Path(out)).name}")
@@ -159,7 +159,7 @@ def hf_to_dist(hf_dir: str | Path, out: str | Path, arch: str, tp: int, pp: int,
     check_target(out, overwrite)
     try:
         run_ranks(_hf_to_dist_rank, tp * pp, str(hf_dir), str(out.absolute()), dataclasses.asdict(model), tp, pp,
-                  dtype, overwrite, progress)
+                  dtype, overwrite, progress, cpu_only=True)
     finally:
         _cleanup_partial(out.absolute())
     return out
@@ -209,7 +209,7 @@ def reshard(src: str | Path, out: str | Path, tp: int, pp: int, *, verify: bool 
     if (tp, pp) == (info.tp, info.pp):
         notes.append(f"{src} already has TP={tp} PP={pp}: the output is a re-saved copy of its model weights")
     try:
-        run_ranks(_reshard_rank, tp * pp, str(src), str(out.absolute()), tp, pp, overwrite, progress)
+        run_ranks(_reshard_rank, tp * pp, str(src), str(out.absolute()), tp, pp, overwrite, progress, cpu_only=True)
     finally:
         _cleanup_partial(out.absolute())
     return out, notes

@@ -1,9 +1,10 @@
 """Run a conversion on TP x PP ranks: in this process when a launcher (torchrun, srun) already started that
 many, else as local CPU processes joined by gloo.
 
-Local workers see no GPU (``CUDA_VISIBLE_DEVICES=""``): conversion moves bytes, it needs no accelerator, and
-the CPU path is the one the tests exercise. The first failing rank stops the others; its error (a
-CheckpointError or ConfigError keeps its one-line message) is raised in the caller.
+With ``cpu_only`` the local workers see no GPU (``CUDA_VISIBLE_DEVICES=""``; the checkpoint conversions use
+it: they move bytes and need no accelerator); otherwise rank r sees every GPU and picks ``LOCAL_RANK`` r (as
+``mdu_dist.distributed.init`` does). The first failing rank stops the others; its error (a CheckpointError or
+ConfigError keeps its one-line message) is raised in the caller.
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple, results) -> None:
+def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, fn: Callable, args: tuple,
+           results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads))
+                      OMP_NUM_THREADS=str(threads))
+    if cpu_only:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import warnings
 
     import torch
@@ -48,7 +52,8 @@ def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, ar
     # Library chatter that says nothing about the conversion (fallbacks, deprecations inside megatron/DCP).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            module=r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing)")
     torch.set_num_threads(threads)
     try:
         results.put((rank, None, fn(*args)))
@@ -62,7 +67,8 @@ def _entry(rank: int, world_size: int, port: int, threads: int, fn: Callable, ar
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None = None) -> list[Any]:
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None = None,
+              cpu_only: bool = False) -> list[Any]:
     """``fn(*args)`` on ``world_size`` ranks; returns the per-rank results (only this rank's when launched)."""
     launched = launched_world_size()
     if launched is not None:
@@ -76,7 +82,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port, threads = _free_port(), max(1, (os.cpu_count() or 1) // world_size)
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, fn, args, results), daemon=False)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, cpu_only, fn, args, results))
              for r in range(world_size)]
     for p in procs:
         p.start()
