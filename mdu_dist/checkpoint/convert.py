@@ -31,6 +31,7 @@ from mdu_dist.checkpoint.hf import CONFIG_FILE, HFCheckpointReader, open_hf_chec
 from mdu_dist.checkpoint.launch import run_ranks
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
 from mdu_dist.models.dense import count_parameters
+from mdu_dist.models.mcore_layout import rank_tensor
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,7 +61,7 @@ def load_hf_into_stage(stage, reader: HFCheckpointReader, progress: bool = False
     own = {k: v for k, v in stage.module.state_dict().items() if not k.endswith("_extra_state")}
     with torch.no_grad():
         for name, param in tqdm(own.items(), desc="read HF slices (rank 0)", disable=not progress, leave=False):
-            tensor = dl.rank_tensor(stage.cfg, name, reader.read, tp, tp_rank, pp, pp_rank)
+            tensor = rank_tensor(stage.cfg, name, reader.read, tp, tp_rank, pp, pp_rank)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(f"{reader.dir}: {name} of rank (tp {tp_rank}, pp {pp_rank}) would be "
                                       f"{list(tensor.shape)}, the stage has {list(param.shape)}")

@@ -15,25 +15,19 @@ not depend on the TP/PP layout (that is what lets dist_checkpointing reshard):
 
 (layers stacked on a leading axis; the norms take the names of the TE-fused layers they would be part of;
 megatron's SwiGLU factory stores the TP-local [gate_r; up_r] halves at their global gate/up rows; V_pad is
-``padded_vocab_size(tp)`` of the layout that saved it). ``rank_tensor`` computes one rank's parameter from
-row/column slices of the canonical tensors (``mdu_dist.models.mcore_layout.shard`` computes the same from
-whole tensors); ``canonical_layer`` inverts the global layout for one layer.
+``padded_vocab_size(tp)`` of the layout that saved it). ``canonical_layer`` inverts the global layout for
+one layer; one rank's parameters come from ``mdu_dist.models.mcore_layout.rank_tensor``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
-from mdu_dist.config import ModelConfig, check_layout
-from mdu_dist.models.mcore_layout import layer_range
+from mdu_dist.config import ModelConfig
+from mdu_dist.models.mcore_layout import EMBED, FINAL_NORM, HEAD
 
-EMBED = "embedding.word_embeddings.weight"
-HEAD = "output_layer.weight"
-FINAL_NORM = "decoder.final_layernorm.weight"
 _L = "decoder.layers."
 ATTN_NORM = _L + "self_attention.linear_qkv.layer_norm_weight"
 QKV = _L + "self_attention.linear_qkv.weight"
@@ -43,8 +37,6 @@ MLP_NORM = _L + "mlp.linear_fc1.layer_norm_weight"
 FC1 = _L + "mlp.linear_fc1.weight"
 FC2 = _L + "mlp.linear_fc2.weight"
 
-# read(canonical name, rows, cols) -> that block of the canonical tensor (a fresh tensor)
-Reader = Callable[[str, "slice | None", "slice | None"], Tensor]
 
 
 def layer_keys(cfg: ModelConfig) -> list[str]:
@@ -63,67 +55,6 @@ def global_shapes(cfg: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
     shapes.update({k: (n, *per_layer[k]) for k in layer_keys(cfg)})
     shapes.update({FINAL_NORM: (h,), HEAD: (cfg.padded_vocab_size(tp), h)})
     return shapes
-
-
-def _interleave_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, hd: int) -> Tensor:
-    tail = q.shape[1:]
-    return torch.cat([q.reshape(groups, -1, *tail), k.reshape(groups, hd, *tail), v.reshape(groups, hd, *tail)],
-                     dim=1).reshape(-1, *tail)
-
-
-def _vocab_rows(cfg: ModelConfig, read: Reader, canonical: str, tp: int, tp_rank: int) -> Tensor:
-    per_rank = cfg.padded_vocab_size(tp) // tp
-    lo, hi = tp_rank * per_rank, (tp_rank + 1) * per_rank
-    real = read(canonical, slice(min(lo, cfg.vocab_size), min(hi, cfg.vocab_size)), None)
-    if real.shape[0] == per_rank:
-        return real
-    return torch.cat([real, real.new_zeros(per_rank - real.shape[0], *real.shape[1:])])
-
-
-def rank_tensor(cfg: ModelConfig, name: str, read: Reader, tp: int, tp_rank: int, pp: int = 1,
-                pp_rank: int = 0) -> Tensor:
-    """Parameter ``name`` (a GPTModel state-dict name) of rank (tp_rank, pp_rank), read slice by slice.
-
-    Equal to ``mcore_layout.shard(cfg, canonical, tp, tp_rank, pp, pp_rank)[name]``, but only the rows or
-    columns this rank owns are read: a rank never holds more than its own parameters plus one slice.
-    """
-    check_layout(cfg, tp, pp)
-    if name == EMBED and pp_rank == 0:
-        return _vocab_rows(cfg, read, "embed", tp, tp_rank)
-    if name == HEAD and pp_rank == pp - 1:
-        return _vocab_rows(cfg, read, "lm_head", tp, tp_rank)
-    if name == FINAL_NORM and pp_rank == pp - 1:
-        return read("final_norm", None, None)
-    match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
-    layers = layer_range(cfg.num_layers, pp, pp_rank)
-    if match is None or int(match.group(1)) >= len(layers):
-        raise KeyError(f"{name} is not a parameter of pipeline stage {pp_rank} of {pp}")
-    c, part = f"layers.{layers[int(match.group(1))]}.", match.group(2)
-
-    def rows(canonical: str, per_rank: int) -> Tensor:
-        return read(c + canonical, slice(tp_rank * per_rank, (tp_rank + 1) * per_rank), None)
-
-    def cols(canonical: str, per_rank: int) -> Tensor:
-        return read(c + canonical, None, slice(tp_rank * per_rank, (tp_rank + 1) * per_rank))
-
-    hd, groups = cfg.head_dim, cfg.num_query_groups // tp
-    q_rows = cfg.num_attention_heads // tp * hd
-    if part == "input_layernorm.weight":
-        return read(c + "attn_norm", None, None)
-    if part == "pre_mlp_layernorm.weight":
-        return read(c + "mlp_norm", None, None)
-    if part in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-        suffix = "_bias" if part.endswith("bias") else ""
-        return _interleave_qkv(rows("q" + suffix, q_rows), rows("k" + suffix, groups * hd),
-                               rows("v" + suffix, groups * hd), groups, hd)
-    if part == "self_attention.linear_proj.weight":
-        return cols("o", q_rows)
-    if part == "mlp.linear_fc1.weight":
-        f = cfg.ffn_hidden_size // tp
-        return torch.cat([rows("gate", f), rows("up", f)])
-    if part == "mlp.linear_fc2.weight":
-        return cols("down", cfg.ffn_hidden_size // tp)
-    raise KeyError(f"{name}: not a parameter of a {cfg.arch} stage")
 
 
 def canonical_layer(cfg: ModelConfig, i: int, layer: Mapping[str, Tensor]) -> dict[str, Tensor]:

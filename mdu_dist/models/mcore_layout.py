@@ -6,14 +6,32 @@ Three transforms make the megatron layout differ from a per-tensor slice of the 
 - SwiGLU's fc1 is [gate_r; up_r] per TP rank, not [gate; up] globally;
 - embedding and head rows are padded to ``cfg.padded_vocab_size(tp)`` (zeros) before the vocab split.
 Pipeline stage ``r`` holds layers ``layer_range(...)`` renumbered from 0, the embedding on the first stage and
-final norm + head on the last. Works on any tensors, meta ones included (shape planning).
+final norm + head on the last.
+
+``rank_tensor`` builds one parameter of one rank from row/column blocks of the canonical tensors, so a reader
+that streams blocks from disk never holds more than that rank's share; ``shard`` applies it to tensors in
+memory (meta tensors included: shape planning).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 from mdu_dist.config import ModelConfig, check_layout
+
+EMBED = "embedding.word_embeddings.weight"
+HEAD = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+LAYER_PARAMETERS = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                    "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
+                    "mlp.linear_fc2.weight")
+
+# read(canonical name, rows, cols) -> that block of the canonical tensor
+Reader = Callable[[str, "slice | None", "slice | None"], Tensor]
 
 
 def layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
@@ -21,93 +39,82 @@ def layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
-def _rows(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return t.chunk(tp, dim=0)[rank]
+def stage_parameter_names(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0) -> list[str]:
+    """The GPTModel state-dict names of pipeline stage ``pp_rank`` (without megatron's ``_extra_state``)."""
+    names = [EMBED] if pp_rank == 0 else []
+    per_layer = [p for p in LAYER_PARAMETERS if cfg.qkv_bias or not p.endswith(".bias")]
+    names += [f"decoder.layers.{j}.{p}" for j in range(len(layer_range(cfg.num_layers, pp, pp_rank)))
+              for p in per_layer]
+    return names + ([FINAL_NORM, HEAD] if pp_rank == pp - 1 else [])
 
 
-def _cols(t: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return t.chunk(tp, dim=1)[rank]
-
-
-def _pad_vocab(t: torch.Tensor, padded: int) -> torch.Tensor:
-    if t.shape[0] == padded:
-        return t
-    return torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
-
-
-def _qkv(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    groups, hd = cfg.num_query_groups, cfg.head_dim
-    per_group = cfg.num_attention_heads // groups * hd
+def _interleave_qkv(q: Tensor, k: Tensor, v: Tensor, groups: int, hd: int) -> Tensor:
     tail = q.shape[1:]
-    fused = torch.cat([q.reshape(groups, per_group, *tail), k.reshape(groups, hd, *tail),
-                       v.reshape(groups, hd, *tail)], dim=1)
-    return _rows(fused, tp, rank).reshape(-1, *tail)
+    return torch.cat([q.reshape(groups, -1, *tail), k.reshape(groups, hd, *tail), v.reshape(groups, hd, *tail)],
+                     dim=1).reshape(-1, *tail)
 
 
-def _split_qkv(cfg: ModelConfig, fused_shards: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    groups, hd = cfg.num_query_groups, cfg.head_dim
-    per_group = cfg.num_attention_heads // groups * hd
-    fused = torch.cat(fused_shards).reshape(groups, per_group + 2 * hd, *fused_shards[0].shape[1:])
-    q, k, v = fused.split([per_group, hd, hd], dim=1)
-    return tuple(x.reshape(-1, *x.shape[2:]) for x in (q, k, v))
+def _vocab_rows(cfg: ModelConfig, read: Reader, canonical: str, tp: int, tp_rank: int) -> Tensor:
+    per_rank = cfg.padded_vocab_size(tp) // tp
+    lo, hi = tp_rank * per_rank, (tp_rank + 1) * per_rank
+    real = read(canonical, slice(min(lo, cfg.vocab_size), min(hi, cfg.vocab_size)), None)
+    if real.shape[0] == per_rank:
+        return real
+    return torch.cat([real, real.new_zeros(per_rank - real.shape[0], *real.shape[1:])])
 
 
-def shard(cfg: ModelConfig, canonical: dict[str, torch.Tensor], tp: int, tp_rank: int,
-          pp: int = 1, pp_rank: int = 0) -> dict[str, torch.Tensor]:
-    """This rank's megatron-core GPTModel state dict (names relative to the GPTModel) from canonical tensors."""
+def rank_tensor(cfg: ModelConfig, name: str, read: Reader, tp: int, tp_rank: int, pp: int = 1,
+                pp_rank: int = 0) -> Tensor:
+    """Parameter ``name`` (a GPTModel state-dict name) of rank (tp_rank, pp_rank), read block by block."""
     check_layout(cfg, tp, pp)
-    out: dict[str, torch.Tensor] = {}
-    padded = cfg.padded_vocab_size(tp)
-    if pp_rank == 0:
-        out["embedding.word_embeddings.weight"] = _rows(_pad_vocab(canonical["embed"], padded), tp, tp_rank)
-    for local, i in enumerate(layer_range(cfg.num_layers, pp, pp_rank)):
-        c, m = f"layers.{i}.", f"decoder.layers.{local}."
-        out[m + "input_layernorm.weight"] = canonical[c + "attn_norm"]
-        out[m + "self_attention.linear_qkv.weight"] = _qkv(
-            cfg, canonical[c + "q"], canonical[c + "k"], canonical[c + "v"], tp, tp_rank)
-        if cfg.qkv_bias:
-            out[m + "self_attention.linear_qkv.bias"] = _qkv(
-                cfg, canonical[c + "q_bias"], canonical[c + "k_bias"], canonical[c + "v_bias"], tp, tp_rank)
-        out[m + "self_attention.linear_proj.weight"] = _cols(canonical[c + "o"], tp, tp_rank)
-        out[m + "pre_mlp_layernorm.weight"] = canonical[c + "mlp_norm"]
-        out[m + "mlp.linear_fc1.weight"] = torch.cat(
-            [_rows(canonical[c + "gate"], tp, tp_rank), _rows(canonical[c + "up"], tp, tp_rank)])
-        out[m + "mlp.linear_fc2.weight"] = _cols(canonical[c + "down"], tp, tp_rank)
-    if pp_rank == pp - 1:
-        out["decoder.final_layernorm.weight"] = canonical["final_norm"]
-        out["output_layer.weight"] = _rows(_pad_vocab(canonical["lm_head"], padded), tp, tp_rank)
-    return out
+    if name == EMBED and pp_rank == 0:
+        return _vocab_rows(cfg, read, "embed", tp, tp_rank)
+    if name == HEAD and pp_rank == pp - 1:
+        return _vocab_rows(cfg, read, "lm_head", tp, tp_rank)
+    if name == FINAL_NORM and pp_rank == pp - 1:
+        return read("final_norm", None, None)
+    match = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)
+    layers = layer_range(cfg.num_layers, pp, pp_rank)
+    if match is None or int(match.group(1)) >= len(layers):
+        raise KeyError(f"{name} is not a parameter of pipeline stage {pp_rank} of {pp}")
+    c, part = f"layers.{layers[int(match.group(1))]}.", match.group(2)
+
+    def rows(canonical: str, per_rank: int) -> Tensor:
+        return read(c + canonical, slice(tp_rank * per_rank, (tp_rank + 1) * per_rank), None)
+
+    def cols(canonical: str, per_rank: int) -> Tensor:
+        return read(c + canonical, None, slice(tp_rank * per_rank, (tp_rank + 1) * per_rank))
+
+    hd, groups = cfg.head_dim, cfg.num_query_groups // tp
+    q_rows = cfg.num_attention_heads // tp * hd
+    if part == "input_layernorm.weight":
+        return read(c + "attn_norm", None, None)
+    if part == "pre_mlp_layernorm.weight":
+        return read(c + "mlp_norm", None, None)
+    if part in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+        suffix = "_bias" if part.endswith("bias") else ""
+        return _interleave_qkv(rows("q" + suffix, q_rows), rows("k" + suffix, groups * hd),
+                               rows("v" + suffix, groups * hd), groups, hd)
+    if part == "self_attention.linear_proj.weight":
+        return cols("o", q_rows)
+    if part == "mlp.linear_fc1.weight":
+        f = cfg.ffn_hidden_size // tp
+        return torch.cat([rows("gate", f), rows("up", f)])
+    if part == "mlp.linear_fc2.weight":
+        return cols("down", cfg.ffn_hidden_size // tp)
+    raise KeyError(f"{name}: not a parameter of a {cfg.arch} stage")
 
 
-def merge(cfg: ModelConfig, shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp: int,
-          pp: int = 1) -> dict[str, torch.Tensor]:
-    """Inverse of ``shard``: canonical tensors from every rank's state dict, keyed by (pp_rank, tp_rank)."""
-    missing = [(p, t) for p in range(pp) for t in range(tp) if (p, t) not in shards]
-    if missing:
-        raise ValueError(f"missing shards for (pp_rank, tp_rank) {missing}")
+def shard(cfg: ModelConfig, canonical: dict[str, Tensor], tp: int, tp_rank: int,
+          pp: int = 1, pp_rank: int = 0) -> dict[str, Tensor]:
+    """This rank's megatron-core GPTModel state dict (names relative to the GPTModel) from canonical tensors."""
 
-    def gather(pp_rank: int, name: str) -> list[torch.Tensor]:
-        return [shards[(pp_rank, t)][name] for t in range(tp)]
+    def read(name: str, rows: slice | None, cols: slice | None) -> Tensor:
+        t = canonical[name]
+        t = t if rows is None else t[rows]
+        return t if cols is None else t[:, cols]
 
-    out: dict[str, torch.Tensor] = {}
-    out["embed"] = torch.cat(gather(0, "embedding.word_embeddings.weight"))[: cfg.vocab_size]
-    for p in range(pp):
-        for local, i in enumerate(layer_range(cfg.num_layers, pp, p)):
-            c, m = f"layers.{i}.", f"decoder.layers.{local}."
-            out[c + "attn_norm"] = shards[(p, 0)][m + "input_layernorm.weight"]
-            out[c + "q"], out[c + "k"], out[c + "v"] = _split_qkv(cfg, gather(p, m + "self_attention.linear_qkv.weight"))
-            if cfg.qkv_bias:
-                out[c + "q_bias"], out[c + "k_bias"], out[c + "v_bias"] = _split_qkv(
-                    cfg, gather(p, m + "self_attention.linear_qkv.bias"))
-            out[c + "o"] = torch.cat(gather(p, m + "self_attention.linear_proj.weight"), dim=1)
-            out[c + "mlp_norm"] = shards[(p, 0)][m + "pre_mlp_layernorm.weight"]
-            gate_up = [t.chunk(2) for t in gather(p, m + "mlp.linear_fc1.weight")]
-            out[c + "gate"] = torch.cat([g for g, _ in gate_up])
-            out[c + "up"] = torch.cat([u for _, u in gate_up])
-            out[c + "down"] = torch.cat(gather(p, m + "mlp.linear_fc2.weight"), dim=1)
-    out["final_norm"] = shards[(pp - 1, 0)]["decoder.final_layernorm.weight"]
-    out["lm_head"] = torch.cat(gather(pp - 1, "output_layer.weight"))[: cfg.vocab_size]
-    return out
+    return {n: rank_tensor(cfg, n, read, tp, tp_rank, pp, pp_rank) for n in stage_parameter_names(cfg, pp, pp_rank)}
 
 
 def load_shard(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
