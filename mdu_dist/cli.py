@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo setting overrides")
     demo.set_defaults(func=cmd_demo)
     importlib.import_module("mdu_dist.checkpoint.commands").register(sub)
+    importlib.import_module("mdu_dist.launch.command").register(sub)
     return parser
 
 

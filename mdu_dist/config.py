@@ -19,6 +19,7 @@ import yaml
 from mdu_dist.data import DataConfig
 from mdu_dist.errors import ConfigError
 from mdu_dist.eval.run import EvalConfig
+from mdu_dist.launch.config import LaunchConfig
 from mdu_dist.methods import MethodConfig
 from mdu_dist.optim import OptimConfig, check_pipeline
 from mdu_dist.trainer import TrainConfig
@@ -103,9 +104,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train, self.eval):
+        for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train, self.eval,
+                        self.launch):
             section.validate()
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
         check_pipeline(self.optim, self.parallel.pipeline)
