@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all clean
+.PHONY: install test test-all demo clean
 
 install:
 	@VENV=$(VENV) tools/install.sh
@@ -15,6 +15,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole pipeline on CPU (configs/demo.yaml): fine-tune, unlearn with MDU and baselines, evaluate, plots.
+demo: install
+	$(PY) -m mdu_dist.cli demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -41,12 +41,12 @@ class DemoConfig:
 
     output_dir: str = "runs/demo"
     tofu_dir: str = "../shared/data/tofu"
-    forget_rows: int = 40  # first N rows of forget10: the forget set (2 fictitious authors)
-    retain_rows: int = 160  # first N rows of retain90: the retain set
-    general_rows: int = 40  # first N rows of real_authors and of world_facts, taught in both fine-tunes
-    eval_rows: int = 40  # rows evaluated per split (forget, retain, real_authors, world_facts)
+    forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
+    retain_rows: int = 60  # first N rows of retain90: the retain set
+    general_rows: int = 20  # first N rows of real_authors and of world_facts, taught in both fine-tunes
+    eval_rows: int = 20  # rows evaluated per split (forget, retain, real_authors, world_facts)
     batch_size: int = 8  # rows per optimizer step (fine-tune and unlearn)
-    finetune_epochs: int = 20
+    finetune_epochs: int = 15
     finetune_lr: float = 2e-3
     unlearn_epochs: int = 5
     unlearn_lr: float = 5e-4
