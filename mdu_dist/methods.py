@@ -248,6 +248,7 @@ class MicroBatch:
     drawn: dict[str, Noised]
     passes: list[Pass]  # in row order
     ids: Tensor  # [rows, L]
+    positions: Tensor  # [rows, L] bool: where the losses read logits
     n_policy: int
 
 
@@ -256,17 +257,16 @@ def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Gene
     passes = objective.passes(drawn)
     ordered = [p for p in passes if not p.reference] + [p for p in passes if p.reference]
     n_policy = sum(p.ids.shape[0] for p in ordered if not p.reference)
-    return MicroBatch(drawn, ordered, torch.cat([p.ids for p in ordered]), n_policy)
+    return MicroBatch(drawn, ordered, torch.cat([p.ids for p in ordered]),
+                      torch.cat([p.positions for p in ordered]), n_policy)
 
 
 def microbatch_loss(objective: Objective, mb: MicroBatch, logits: Tensor, vocab: VocabShard
                     ) -> tuple[Tensor, dict[str, float]]:
-    """The objective's loss from the stacked logits [rows, L, V_local], read only at each pass's positions."""
-    selected, row = {}, 0
-    for p in mb.passes:
-        rows = p.ids.shape[0]
-        selected[p.name] = logits[row: row + rows][p.positions]
-        row += rows
+    """The objective's loss from the logits at ``mb.positions`` ([N, V_local], row-major, as
+    ``PolicyAndReference`` returns them), split back into the passes."""
+    counts = [int(p.positions.sum()) for p in mb.passes]
+    selected = dict(zip((p.name for p in mb.passes), logits.split(counts)))
     return objective.loss(selected, mb.drawn, vocab)
 
 

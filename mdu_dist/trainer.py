@@ -226,7 +226,7 @@ class Trainer:
         reference = self.reference
 
         def forward(model, mb):
-            return model(mb.ids, mb.n_policy)
+            return model(mb.ids, mb.n_policy, mb.positions)
 
         def loss_fn(mb, logits):
             return microbatch_loss(self.objective, mb, logits, self.vocab)

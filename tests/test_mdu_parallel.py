@@ -99,7 +99,7 @@ def _run(tp: int, pp: int) -> dict:
             mb = prepare(objective, batch, torch.Generator().manual_seed(11))
             vocab = VocabShard(ps.get_tensor_model_parallel_group(), policy.vocab_start, m.vocab_size)
             losses = run_microbatches(
-                model, [mb], lambda stage, x: stage(x.ids, x.n_policy),
+                model, [mb], lambda stage, x: stage(x.ids, x.n_policy, x.positions),
                 lambda x, logits: _loss(objective, x, logits, vocab),
                 seq_length=mb.ids.shape[1], micro_batch_size=mb.ids.shape[0])
             want_loss, want_grads = _dense_mdu(m, policy_w, ref_w, batch)

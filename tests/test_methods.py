@@ -21,9 +21,14 @@ def _batch():
     return {"forget": _pairs(), "retain": _pairs(), "idk": _pairs()}
 
 
-def _logits(mb, seed=0):
+def _full_logits(mb, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(mb.ids.shape[0], mb.ids.shape[1], V, generator=g, dtype=torch.float64) * 2).requires_grad_()
+
+
+def _logits(mb, seed=0):
+    """What the model returns: the logits at the micro-batch's positions, row-major."""
+    return _full_logits(mb, seed)[mb.positions]
 
 
 @pytest.mark.parametrize("name,policy,reference", [
@@ -54,9 +59,9 @@ def test_mdu_loss_value_and_anchor_view():
     assert anchor.reference and torch.equal(anchor.positions, forget.positions)
     f = mb.drawn["forget"]
     assert (anchor.ids[~f.response] == MASK).all() and torch.equal(anchor.ids[f.response], f.noisy[f.response])
-    logits = _logits(mb)
-    loss, metrics = microbatch_loss(obj, mb, logits, VocabShard(None, 0, V))
-    rows = {p.name: logits[2 * i: 2 * i + 2] for i, p in enumerate(mb.passes)}
+    full = _full_logits(mb)
+    loss, metrics = microbatch_loss(obj, mb, full[mb.positions], VocabShard(None, 0, V))
+    rows = {p.name: full[2 * i: 2 * i + 2] for i, p in enumerate(mb.passes)}
     log_p = torch.log_softmax(rows["forget"][f.masked], -1)
     log_q = torch.log_softmax(0.25 * rows["anchor"][f.masked].detach(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
@@ -66,7 +71,7 @@ def test_mdu_loss_value_and_anchor_view():
     assert loss.item() == pytest.approx((kl + 0.5 * retain).item(), rel=1e-12)
     assert metrics["kl"] == pytest.approx(kl.item(), rel=1e-12)
     loss.backward()
-    assert logits.grad[4:].abs().sum() == 0  # no gradient reaches the anchor rows
+    assert full.grad[4:].abs().sum() == 0  # no gradient reaches the anchor rows
 
 
 def test_graddiff_is_ga_plus_alpha_retain():
@@ -76,9 +81,9 @@ def test_graddiff_is_ga_plus_alpha_retain():
     mb_ga = prepare(ga, batch, torch.Generator().manual_seed(4))
     mb_gd = prepare(gd, batch, torch.Generator().manual_seed(4))
     assert torch.equal(mb_ga.drawn["forget"].noisy, mb_gd.drawn["forget"].noisy)
-    lg = _logits(mb_gd, logits_seed)
-    loss_gd, m = microbatch_loss(gd, mb_gd, lg, VocabShard(None, 0, V))
-    loss_ga, _ = microbatch_loss(ga, mb_ga, lg[:2], VocabShard(None, 0, V))
+    full = _full_logits(mb_gd, logits_seed)
+    loss_gd, m = microbatch_loss(gd, mb_gd, full[mb_gd.positions], VocabShard(None, 0, V))
+    loss_ga, _ = microbatch_loss(ga, mb_ga, full[:2][mb_ga.positions], VocabShard(None, 0, V))
     assert loss_gd.item() == pytest.approx(loss_ga.item() + 0.3 * m["retain-loss"], rel=1e-12)
     assert loss_ga.item() == pytest.approx(-m["forget-loss"] * -1, rel=1e-12)
 
@@ -89,12 +94,13 @@ def test_no_masked_position_gives_zero_not_nan():
     mb = prepare(obj, batch, torch.Generator().manual_seed(0))
     for p in mb.passes:
         p.positions.zero_()
+    mb.positions.zero_()
     mb.drawn["forget"].masked.zero_()
-    logits = _logits(mb)
-    loss, metrics = microbatch_loss(obj, mb, logits, VocabShard(None, 0, V))
+    full = _full_logits(mb)
+    loss, metrics = microbatch_loss(obj, mb, full[mb.positions], VocabShard(None, 0, V))
     loss.backward()
     assert loss.item() == 0.0 and metrics["masked-positions"] == 0
-    assert torch.isfinite(logits.grad).all()
+    assert torch.isfinite(full.grad).all()
 
 
 def test_bad_method_config():

@@ -90,17 +90,38 @@ class DiffusionLM(nn.Module):
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V_local] on the last stage, or, given ``positions`` (bool [B, S]), only the logits at
+        those positions, [N, V_local] in row-major order: the output layer (the largest matmul of a step at
+        LLaDA's vocabulary) then runs on the N positions a loss reads, not on the whole sequence."""
         b, s = input_ids.shape
         position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
-        out = self.module(input_ids, position_ids, attention_mask=None)
         if not self.post_process:
-            return out
-        padded = torch.arange(self.vocab_start, self.vocab_start + self.vocab_local, device=out.device)
-        out = out.masked_fill(padded >= self.cfg.vocab_size, float("-inf"))
-        if self.shift_logits:
-            out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
-        return out
+            return self.module(input_ids, position_ids, attention_mask=None)
+        if positions is None:
+            out = self.module(input_ids, position_ids, attention_mask=None)
+            if self.shift_logits:
+                out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+            return self._mask_padding(out)
+        hidden = self._final_hidden_states(input_ids, position_ids)  # [S, B, h]
+        rows, cols = positions.nonzero(as_tuple=True)
+        if self.shift_logits:  # Dream: token i is predicted from output position i - 1 (position 0 from 0)
+            cols = (cols - 1).clamp(min=0)
+        logits, _ = self.module.output_layer(hidden[cols, rows].unsqueeze(1))
+        return self._mask_padding(logits.squeeze(1))
+
+    def _final_hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # GPTModel returns its decoder's (final-normed) hidden states instead of logits when post_process is off;
+        # that flag is read only there during forward.
+        self.module.post_process = False
+        try:
+            return self.module(input_ids, position_ids, attention_mask=None)
+        finally:
+            self.module.post_process = True
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        columns = torch.arange(self.vocab_start, self.vocab_start + self.vocab_local, device=logits.device)
+        return logits.masked_fill(columns >= self.cfg.vocab_size, float("-inf"))
 
 
 def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> DiffusionLM:
