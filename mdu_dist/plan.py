@@ -1,0 +1,228 @@
+"""``mdu-dist plan``: per-GPU memory of every TP x PP x DP layout and ZeRO choice, without allocating a model.
+
+Parameter counts per rank come from the real TP/PP sharding of the model built on the meta device
+(``mcore_layout.shard``), so vocabulary padding, the QKV/SwiGLU layouts and the embedding/head placement are
+exactly those of a run. The byte counts are a model of what a run holds, per GPU of pipeline stage r, with
+P = parameters of that stage's TP rank:
+
+    parameters     2 P            bf16; ZeRO-3 partitions them: 2 P / DP
+    gradients      2 P            bf16; ZeRO-2/3 partition them: 2 P / DP
+    optimizer     12 P / DP       fp32 master + Adam m + v, partitioned over DP by every ZeRO stage;
+                                  with offload_optimizer=cpu they live in host memory instead (reported apart)
+    reference      2 P            theta_0 of MDU/NPO/DPO: bf16, sharded like the policy, never ZeRO-partitioned
+    activations    in_flight x layers_per_stage x A(policy tokens)  +  one layer's A(reference tokens)
+                   + (last stage) masked-position logits
+
+A(n tokens) = 2 bytes x n x [4h + (2h + 2kv + 4f + a s) / t] is what one layer of the local (unfused)
+megatron spec keeps for its backward, in bf16 elements per token: the inputs of both norms and of the
+column-parallel linears (4h, replicated over TP), the attention context entering linear_proj (h/t), q, k and
+v after RoPE ((h + 2kv)/t), the softmax probabilities (a s/t: unfused attention keeps them), fc1's gate and
+up outputs, silu(gate) and the product entering fc2 (4f/t); h hidden, kv = KV heads x head dim, f ffn size,
+a heads, s sequence length, t TP size. The reference (anchor) pass runs under no_grad and keeps nothing; its
+transient working set, one layer's worth, is alive on top of the policy's stored activations. Under the 1F1B
+schedule stage r holds PP - r micro-batches in flight. Logits exist only at masked response positions
+(N = masked fraction x tokens per pass): each pass's bf16 [N, V/t] logits, the policy passes' logit
+gradients, and the divergence kernel's fp32 chunk buffers (6 x 1024 x V/t).
+
+Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
+fragmentation; leave a margin of several GB below --gpu-mem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mdu_dist.config import Config, ModelConfig, load_config
+from mdu_dist.errors import ConfigError
+
+GIB = 2**30
+BF16, FP32 = 2, 4
+ADAM_BYTES = 12  # fp32 master + two fp32 moments per parameter
+LOSS_CHUNK = 1024  # vocab_parallel_divergence's default chunk of rows
+LOSS_CHUNK_BUFFERS = 6  # its float32 working set in chunk x V_local buffers (bounded in tests/test_divergence.py)
+MAX_TP = 8  # a TP group stays inside one node
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one micro-batch runs: rows per pass, sequence length, passes with and without gradient."""
+
+    micro_batch_size: int
+    seq_len: int
+    masked_fraction: float
+    policy_passes: int
+    reference_passes: int
+
+
+@dataclass
+class Row:
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    offload: str
+    stage: int  # the pipeline stage with the largest total
+    params: int
+    grads: int
+    optimizer: int
+    reference: int
+    activations: int
+    total: int
+    host_optimizer: int  # bytes of optimizer state in host memory (offload), per GPU
+    fits: bool
+
+
+def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
+    """Parameters held by one TP rank of each pipeline stage (TP rank 0; all TP ranks hold equal counts)."""
+    from mdu_dist.models.dense import init_weights
+    from mdu_dist.models.mcore_layout import shard
+
+    weights = init_weights(cfg, device="meta")
+    return [sum(t.numel() for t in shard(cfg, weights, tp, 0, pp, r).values()) for r in range(pp)]
+
+
+def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int) -> int:
+    """A(tokens): what one transformer layer keeps for its backward (formula in the module docstring)."""
+    h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
+    kv = cfg.num_query_groups * cfg.head_dim
+    per_token_elements = 4 * h + (2 * h + 2 * kv + 4 * f + a * seq_len) / tp
+    return int(BF16 * tokens * per_token_elements)
+
+
+def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
+    v_local = cfg.padded_vocab_size(tp) // tp
+    n = int(w.masked_fraction * w.micro_batch_size * w.seq_len)
+    stored = (w.policy_passes + w.reference_passes) * n * v_local * BF16
+    grads = w.policy_passes * n * v_local * BF16
+    return stored + grads + LOSS_CHUNK_BUFFERS * min(LOSS_CHUNK, n) * v_local * FP32
+
+
+def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
+    tokens = w.micro_batch_size * w.seq_len
+    per_layer = layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len)
+    stored = (pp - stage) * (cfg.num_layers // pp) * per_layer
+    anchor = layer_activation_bytes(cfg, tp, tokens, w.seq_len) if w.reference_passes else 0
+    return stored + anchor + (logits_bytes(cfg, tp, w) if stage == pp - 1 else 0)
+
+
+def memory_row(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, offload: str, w: Workload,
+               gpu_mem_gib: float, stage_params: list[int] | None = None) -> Row:
+    """The per-GPU memory of the most loaded pipeline stage of one layout and ZeRO choice."""
+    stage_params = stage_params or stage_parameters(cfg, tp, pp)
+    rows = []
+    for stage, p in enumerate(stage_params):
+        params = BF16 * p // (dp if zero == 3 else 1)
+        grads = BF16 * p // (dp if zero >= 2 else 1)
+        optimizer = ADAM_BYTES * p // dp
+        reference = BF16 * p if w.reference_passes else 0
+        activations = activation_bytes(cfg, tp, pp, stage, w)
+        on_gpu_optimizer = 0 if offload == "cpu" else optimizer
+        total = params + grads + on_gpu_optimizer + reference + activations
+        rows.append(Row(tp, pp, dp, zero, offload, stage, params, grads, on_gpu_optimizer, reference, activations,
+                        total, optimizer - on_gpu_optimizer, total <= gpu_mem_gib * GIB))
+    return max(rows, key=lambda r: r.total)
+
+
+def layouts(cfg: ModelConfig, gpus: int) -> list[tuple[int, int, int]]:
+    """(TP, PP, DP) with TP dividing the heads, KV heads and ffn (at most MAX_TP), PP dividing the layers."""
+    out = []
+    for tp in range(1, MAX_TP + 1):
+        if cfg.num_attention_heads % tp or cfg.num_query_groups % tp or cfg.ffn_hidden_size % tp:
+            continue
+        for pp in range(1, cfg.num_layers + 1):
+            if cfg.num_layers % pp == 0 and gpus % (tp * pp) == 0:
+                out.append((tp, pp, gpus // (tp * pp)))
+    return out
+
+
+def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_fraction: float) -> Workload:
+    """Count the passes of one micro-batch by asking the objective itself (on a 1 x 1 dummy batch)."""
+    from mdu_dist.data import Pairs
+    from mdu_dist.methods import SFT, build_objective
+
+    m = cfg.model
+    objective = SFT(cfg.method, m.mask_token_id) if job == "finetune" else build_objective(cfg.method,
+                                                                                          m.mask_token_id)
+    dummy = Pairs(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
+    drawn = objective.draw({n: dummy for n in ("train", "forget", "retain", "idk")}, torch.Generator())
+    passes = objective.passes(drawn)
+    n_ref = sum(p.reference for p in passes)
+    return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref)
+
+
+def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:
+    rows = []
+    for tp, pp, dp in layouts(cfg.model, gpus):
+        stage_params = stage_parameters(cfg.model, tp, pp)
+        # ZeRO-2/3 are refused with pipeline parallelism (optim.check_pipeline).
+        for zero in (1, 2, 3) if pp == 1 else (1,):
+            for offload in ("none", "cpu"):
+                rows.append(memory_row(cfg.model, tp, pp, dp, zero, offload, w, gpu_mem_gib, stage_params))
+    return rows
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("TP", "PP", "DP", "ZeRO", "offload", "stage", "params", "grads", "optim", "ref", "activ", "total",
+            "host optim", "fits")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = (r.tp, r.pp, r.dp, r.zero, r.offload, r.stage, _gib(r.params), _gib(r.grads), _gib(r.optimizer),
+                 _gib(r.reference), _gib(r.activations), _gib(r.total), _gib(r.host_optimizer),
+                 "yes" if r.fits else "no")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from mdu_dist.models.dense import count_parameters
+
+    cfg = load_config(args.config, args.overrides)
+    if args.gpus < 1 or args.gpu_mem <= 0 or not 0 < args.masked_fraction <= 1:
+        raise ConfigError(f"--gpus={args.gpus} must be >= 1, --gpu-mem={args.gpu_mem} > 0 and "
+                          f"--masked-fraction={args.masked_fraction} in (0, 1]")
+    w = workload(cfg, args.job, args.micro_batch_size or cfg.optim.micro_batch_size,
+                 args.seq_len or cfg.data.max_length, args.masked_fraction)
+    rows = plan(cfg, args.gpus, args.gpu_mem, w)
+    m = cfg.model
+    method = "sft" if args.job == "finetune" else cfg.method.name
+    print(f"{args.config or '<defaults>'}: {m.arch} {m.num_layers} x {m.hidden_size}, {m.num_attention_heads} "
+          f"heads / {m.num_query_groups} KV, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}; "
+          f"{count_parameters(m) / 1e9:.2f}e9 parameters")
+    print(f"{args.job} ({method}): micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
+          f"{w.policy_passes} policy + {w.reference_passes} reference pass(es), logits at "
+          f"{w.masked_fraction:.0%} of positions; {args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")
+    print(format_table(rows))
+    fitting = [r for r in rows if r.fits]
+    print(f"{len(fitting)} of {len(rows)} layouts fit in {args.gpu_mem:g} GiB per GPU"
+          + ("" if fitting else " (none: more GPUs, offload, a shorter sequence or a smaller micro-batch)"))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": args.config, "workload": asdict(w), "gpus": args.gpus,
+                                               "gpu_mem_gib": args.gpu_mem, "rows": [asdict(r) for r in rows]},
+                                              indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of every TP x PP x DP layout and ZeRO stage/offload choice, "
+                                    "and which fit (model built on the meta device)")
+    p.add_argument("--config", help="YAML config (default: the built-in tiny defaults)")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    p.add_argument("--job", choices=("unlearn", "finetune"), default="unlearn",
+                   help="which step to plan: unlearn (the config's method.name) or finetune (SFT)")
+    p.add_argument("--micro-batch-size", type=int, help="rows per pass (default optim.micro_batch_size)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default data.max_length)")
+    p.add_argument("--masked-fraction", type=float, default=0.5,
+                   help="fraction of positions whose logits a loss reads (default 0.5: E[t] over responses)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=cmd_plan)

@@ -1,0 +1,96 @@
+"""``mdu-dist plan`` against parameter and byte counts written out by hand from the model shapes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mdu_dist.config import load_config
+from mdu_dist.plan import GIB, Workload, activation_bytes, layouts, memory_row, stage_parameters, workload
+
+LLADA_8B = load_config("configs/llada_8b.yaml").model
+DREAM_7B = load_config("configs/dream_7b.yaml").model
+
+
+def test_llada_8b_tp2_parameters_per_rank():
+    h, f, v = 4096, 12288, 126464  # 126464 = 494 x 256: no padding at TP=2
+    layer = (2 * h  # attn_norm, mlp_norm (replicated)
+             + 3 * (h // 2) * h  # q, k, v rows of 16 of the 32 heads (MHA)
+             + h * (h // 2)  # linear_proj columns
+             + 2 * (f // 2) * h  # [gate_r; up_r]
+             + h * (f // 2))  # fc2 columns
+    total = 32 * layer + 2 * (v // 2) * h + h  # embedding and head halves, final norm
+    assert stage_parameters(LLADA_8B, 2, 1) == [total] == [4_007_923_712]
+
+
+def test_llada_8b_pp2_stages_hold_embedding_and_head_apart():
+    h, f, v = 4096, 12288, 126464
+    layer = 2 * h + 4 * h * h + 3 * f * h
+    assert stage_parameters(LLADA_8B, 1, 2) == [v * h + 16 * layer, 16 * layer + h + v * h]
+
+
+def test_dream_7b_tp4_gqa_biases():
+    h, f, hd, v = 3584, 18944, 128, 152064  # 152064 = 297 x 512: no padding at TP=4
+    qkv_rows = (28 // 4) * hd + 2 * (4 // 4) * hd  # 7 query heads and 1 KV group per rank
+    layer = 2 * h + qkv_rows * h + qkv_rows + h * (7 * hd) + 2 * (f // 4) * h + h * (f // 4)
+    assert stage_parameters(DREAM_7B, 4, 1) == [28 * layer + 2 * (v // 4) * h + h]
+
+
+def test_vocabulary_padding_is_counted():
+    # 126464 is not a multiple of 128 x 8 = 1024: TP=8 pads it to 126976 rows (124 x 1024).
+    cfg = load_config("configs/llada_70b.yaml").model
+    h, f, kv = 8192, 28672, 8 * 128
+    layer = 2 * h + (h // 8 + 2 * kv // 8) * h + h * (h // 8) + 3 * (f // 8) * h
+    assert stage_parameters(cfg, 8, 4) == [126976 // 8 * h + 20 * layer, 20 * layer, 20 * layer,
+                                           20 * layer + h + 126976 // 8 * h]
+
+
+def test_activation_formula_by_hand():
+    w = Workload(micro_batch_size=1, seq_len=1024, masked_fraction=0.5, policy_passes=2, reference_passes=1)
+    # Per token and layer at TP=2: 4h + (2h + 2kv + 4f + a s) / 2 = 16384 + (8192 + 8192 + 49152 + 32768) / 2
+    per_token = 2 * 65536  # bf16 bytes
+    layers = 32 * 2048 * per_token  # two policy passes of 1024 tokens, all 32 layers (PP=1)
+    anchor = 1024 * per_token  # one layer's transient of the no-grad pass
+    n, v_local = 512, 63232
+    logits = 3 * n * v_local * 2 + 2 * n * v_local * 2 + 6 * n * v_local * 4
+    assert activation_bytes(LLADA_8B, 2, 1, 0, w) == layers + anchor + logits
+
+
+def test_zero_stages_and_offload_by_hand():
+    w = Workload(1, 1024, 0.5, 2, 1)
+    p = 4_007_923_712
+    act = activation_bytes(LLADA_8B, 2, 1, 0, w)
+    z1 = memory_row(LLADA_8B, 2, 1, 4, 1, "none", w, 80)
+    assert (z1.params, z1.grads, z1.optimizer, z1.reference) == (2 * p, 2 * p, 12 * p // 4, 2 * p)
+    z2 = memory_row(LLADA_8B, 2, 1, 4, 2, "none", w, 80)
+    assert (z2.params, z2.grads) == (2 * p, 2 * p // 4)
+    z3 = memory_row(LLADA_8B, 2, 1, 4, 3, "cpu", w, 80)
+    assert (z3.params, z3.grads, z3.optimizer, z3.host_optimizer) == (2 * p // 4, 2 * p // 4, 0, 12 * p // 4)
+    assert z3.total == 2 * p // 4 + 2 * p // 4 + 2 * p + act
+    # The same layout fits in 80 GiB with room to spare, not in 20 GiB without offload.
+    assert z1.fits and not memory_row(LLADA_8B, 2, 1, 4, 1, "none", w, 20).fits
+    assert z1.total / GIB == pytest.approx((6 * p + 3 * p + act) / GIB)
+
+
+def test_layouts_respect_heads_kv_heads_and_layers():
+    got = layouts(DREAM_7B, 8)
+    assert {tp for tp, _, _ in got} == {1, 2, 4}  # 4 KV heads: no TP=8
+    assert all(28 % pp == 0 and tp * pp * dp == 8 for tp, pp, dp in got)
+
+
+def test_workload_counts_passes_from_the_objective():
+    cfg = load_config("configs/llada_8b.yaml")
+    mdu = workload(cfg, "unlearn", 1, 512, 0.5)
+    assert (mdu.policy_passes, mdu.reference_passes) == (2, 1)  # forget + retain, anchor
+    assert (workload(cfg, "finetune", 1, 512, 0.5).policy_passes, workload(cfg, "finetune", 1, 512, 0.5)
+            .reference_passes) == (1, 0)
+
+
+def test_cli_prints_a_table_for_the_70b_config(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "plan", "--config", "configs/llada_70b.yaml",
+                          "--gpus", "16", "--gpu-mem", "80", "--seq-len", "1024", "--json", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| TP | PP | DP | ZeRO |" in out and "layouts fit in 80 GiB" in out
+    assert (tmp_path / "p.json").exists()
