@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     importlib.import_module("mdu_dist.checkpoint.commands").register(sub)
     importlib.import_module("mdu_dist.launch.command").register(sub)
+    importlib.import_module("mdu_dist.plan").register(sub)
     return parser
 
 
