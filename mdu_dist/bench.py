@@ -1,0 +1,304 @@
+"""``mdu-dist bench``: the unlearning step's costs, measured side by side in one run.
+
+(a) steps: the trainer's whole step (forward, backward, optimizer) for masked-diffusion SFT and for MDU on the
+    same rows, length, masks and starting weights, in one process. MDU's forget term does SFT's work plus one
+    no-grad anchor forward, so MDU(alpha=0) / SFT(same rows) has a floor of about 4/3 (forward 1 + backward 2,
+    plus 1); with the retain term (alpha=1, 2 policy passes + 1 anchor) against SFT on forget + retain rows the
+    floor is 7/6. Kinds are interleaved repeat by repeat so that load from other processes hits all alike.
+(b) kl: ``vocab_parallel_divergence`` (group=None) against a naive full-vocabulary KL (log_softmax of both,
+    autograd) at LLaDA's and Dream's vocabularies: time of forward + backward, and peak bytes of the storages
+    allocated during them (``LiveBytes``; the inputs are not counted, the gradient is).
+(c) throughput: tokens/s of the MDU step (forget + retain tokens per step / step time) at each TP size, on
+    TP local processes joined by gloo (the CPU threads are split between them).
+
+Steps use synthetic random token rows of a fixed length rather than TOFU rows, whose padded length varies by
+step; the trainer, objective and model are the real ones. Timings are medians over repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from mdu_dist.config import Config, load_config
+from mdu_dist.losses.divergence import vocab_parallel_divergence
+
+LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
+# A small LLaDA-shaped model: big enough that the transformer, not Python overhead, dominates a CPU step.
+SMALL = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.num_query_groups=4",
+         "model.ffn_hidden_size=688", "model.vocab_size=32768", "model.max_position_embeddings=1024",
+         "optim.lr=1e-5", "optim.warmup_steps=0"]
+STEP_KINDS = ("sft", "mdu_forget", "sft_2x", "mdu")  # mdu_forget: alpha=0; sft_2x: SFT on forget + retain rows
+
+
+# ------------------------------------------------------------------------------------------ (b) the KL
+
+
+def naive_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL(softmax(z) || softmax(tau a)) per row the direct way: both full-vocabulary log-softmaxes alive at once
+    and every intermediate kept by autograd. What the vocab-parallel kernel is measured against."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, float64 for the tests' reference
+    logp = F.log_softmax(logits.to(dtype), -1)
+    logq = F.log_softmax(tau * anchor.detach().to(dtype), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def parallel_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float, chunk_size: int = 1024) -> torch.Tensor:
+    """The kernel MDU's loss uses, on one process holding the whole vocabulary."""
+    return vocab_parallel_divergence(logits, anchor, None, vocab_start=0, vocab_size=logits.shape[1],
+                                     direction="forward", tau=tau, chunk_size=chunk_size)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages allocated by the ops run under it (inputs made outside are not counted):
+    each new storage counts from its creation until its last reference dies. The same probe as
+    tests/test_divergence.py's bound; CPU has no allocator statistics to ask instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in inputs and key not in self.tracked:  # views and in-place ops alias inputs
+                self.tracked.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def kl_inputs(rows: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * 3, torch.randn(rows, vocab, generator=g) * 3
+
+
+def _forward_backward(fn: Callable, logits: torch.Tensor, anchor: torch.Tensor) -> None:
+    z = logits.detach().requires_grad_(True)
+    fn(z, anchor).sum().backward()
+
+
+def measure_kl(fn: Callable, rows: int, vocab: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of forward + backward, and peak live bytes of one such call."""
+    logits, anchor = kl_inputs(rows, vocab)
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        _forward_backward(fn, logits, anchor)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    with LiveBytes() as mode:
+        _forward_backward(fn, logits, anchor)
+    return {"seconds": statistics.median(times), "peak_bytes": mode.peak}
+
+
+def bench_kl(rows: list[int], vocabs: list[int], chunks: list[int], tau: float, warmup: int, repeats: int
+             ) -> list[dict]:
+    out = []
+    for vocab in vocabs:
+        for n in rows:
+            naive = measure_kl(lambda z, a: naive_kl(z, a, tau), n, vocab, warmup, repeats)
+            for chunk in chunks:
+                par = measure_kl(lambda z, a, c=chunk: parallel_kl(z, a, tau, c), n, vocab, warmup, repeats)
+                out.append({"vocab": vocab, "rows": n, "chunk": chunk, "naive_s": naive["seconds"],
+                            "parallel_s": par["seconds"], "naive_peak_bytes": naive["peak_bytes"],
+                            "parallel_peak_bytes": par["peak_bytes"],
+                            "time_ratio": par["seconds"] / naive["seconds"],
+                            "memory_ratio": par["peak_bytes"] / naive["peak_bytes"]})
+    return out
+
+
+# ------------------------------------------------------------------------------- (a) and (c) the steps
+
+
+def _random_pairs(cfg: Config, rows: int, seq_len: int, seed: int):
+    """Random token rows, the first quarter prompt and the rest response; the mask token never appears."""
+    from mdu_dist.data import Pairs
+
+    m = cfg.model
+    ids = torch.randint(0, m.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
+    ids[ids == m.mask_token_id] = (m.mask_token_id + 1) % m.vocab_size
+    response = torch.zeros(rows, seq_len, dtype=torch.bool)
+    response[:, seq_len // 4:] = True
+    return Pairs(ids, response)
+
+
+def _trainer(cfg: Config, job: str, overrides: dict[str, object]):
+    """A real Trainer whose step runs on the micro-batches the bench sets in ``fixed``."""
+    from mdu_dist.trainer import Trainer
+
+    class FixedBatchTrainer(Trainer):
+        fixed: list = []
+
+        def _microbatches(self, step):
+            return self.fixed
+
+    method = dataclasses.replace(cfg.method, **overrides)
+    return FixedBatchTrainer(dataclasses.replace(cfg, method=method), job)
+
+
+def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
+                ) -> dict:
+    """One rank: build the trainers ``kinds`` need, then time their steps, interleaved."""
+    from mdu_dist import distributed
+    from mdu_dist.methods import prepare
+
+    # A fixed thread count per rank: on a loaded machine, OpenMP teams wider than the free cores spin at
+    # their barriers and a step's time then says more about the neighbours than about the step.
+    torch.set_num_threads(threads)
+    distributed.init(cfg.parallel, cfg.model)
+    try:
+        b = cfg.optim.micro_batch_size
+        forget, retain = _random_pairs(cfg, b, seq_len, 1), _random_pairs(cfg, b, seq_len, 2)
+        both = type(forget)(torch.cat([forget.input_ids, retain.input_ids]),
+                            torch.cat([forget.response_mask, retain.response_mask]))
+        # Each kind: (job, method overrides, batch parts, policy rows with a gradient).
+        spec = {"sft": ("finetune", {}, {"train": forget}, b),
+                "mdu_forget": ("unlearn", {"name": "mdu", "alpha": 0.0}, {"forget": forget}, b),
+                "sft_2x": ("finetune", {}, {"train": both}, 2 * b),
+                "mdu": ("unlearn", {"name": "mdu", "alpha": 1.0}, {"forget": forget, "retain": retain}, 2 * b)}
+        trainers, tokens = {}, {}
+        for kind in kinds:
+            job, overrides, parts, rows = spec[kind]
+            trainers[kind] = _trainer(cfg, job, overrides)
+            # The same generator seed: SFT's and MDU's forget rows get the same t and the same masks.
+            trainers[kind].fixed = [prepare(trainers[kind].objective, parts, torch.Generator().manual_seed(0))]
+            tokens[kind] = rows * seq_len
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for i in range(warmup + repeats):
+            for kind in kinds:
+                start = time.perf_counter()
+                trainers[kind].train_step(i)
+                if i >= warmup:
+                    times[kind].append(time.perf_counter() - start)
+        return {k: {"seconds": statistics.median(v), "tokens": tokens[k], "tokens_per_s": tokens[k] / statistics.median(v),
+                    "all_seconds": v} for k, v in times.items()}
+    finally:
+        distributed.shutdown()
+
+
+def run_steps(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
+              ) -> dict:
+    from mdu_dist.checkpoint.launch import run_ranks
+
+    world = cfg.parallel.tensor * cfg.parallel.pipeline
+    return run_ranks(step_worker, world, cfg, kinds, seq_len, warmup, repeats, threads)[0]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, object]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def format_report(result: dict) -> str:
+    s = result["steps"]
+    lines = ["(a) one training step, same rows/length/masks (median s)",
+             "| step | policy tokens | s/step | tokens/s |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['tokens']} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |" for k, v in s.items()]
+    for name, ratio in result["ratios"].items():
+        lines.append(f"{name} = {ratio:.3f}")
+    lines += ["", "(b) KL forward + backward: vocab-parallel kernel (group=None) vs naive full-vocabulary",
+              "| vocab | rows | chunk | naive s | kernel s | time ratio | naive MiB | kernel MiB | memory ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['vocab']} | {r['rows']} | {r['chunk']} | {r['naive_s']:.3f} | {r['parallel_s']:.3f} | "
+              f"{r['time_ratio']:.2f} | {_mib(r['naive_peak_bytes'])} | {_mib(r['parallel_peak_bytes'])} | "
+              f"{r['memory_ratio']:.2f} |" for r in result["kl"]]
+    lines += ["", "(c) MDU step (forget + retain tokens) by TP size, gloo on CPU",
+              "| TP | s/step | tokens/s |", "|---|---|---|"]
+    lines += [f"| {tp} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |" for tp, v in result["throughput"].items()]
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    # data.limit: the trainers read (and ignore) a few TOFU rows; max_steps: the schedule spans the timed steps.
+    overrides = ([] if args.tiny else SMALL) + ["data.limit=16", f"optim.micro_batch_size={args.micro_batch_size}",
+                                                f"train.max_steps={args.warmup + args.repeats}",
+                                                f"train.output_dir={args.output_dir}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    steps = run_steps(cfg, STEP_KINDS, args.seq_len, args.warmup, args.repeats, args.threads)
+    ratios = {"MDU(alpha=0) / SFT (floor 4/3)": steps["mdu_forget"]["seconds"] / steps["sft"]["seconds"],
+              "MDU(alpha=1) / SFT on forget+retain rows (floor 7/6)": steps["mdu"]["seconds"]
+              / steps["sft_2x"]["seconds"]}
+    torch.set_num_threads(args.threads)
+    kl = bench_kl(args.kl_rows, args.kl_vocab, args.kl_chunks, args.tau, 1, args.kl_repeats)
+    throughput = {}
+    for tp in args.tp:
+        tp_cfg = load_config(args.config, [*overrides, f"parallel.tensor={tp}"])
+        throughput[tp] = run_steps(tp_cfg, ("mdu",), args.seq_len, args.warmup, args.repeats, args.threads)["mdu"]
+    return {"machine": machine(), "config": args.config, "overrides": overrides, "seq_len": args.seq_len,
+            "warmup": args.warmup, "repeats": args.repeats, "kl_repeats": args.kl_repeats,
+            "threads_per_rank": args.threads, "steps": steps, "ratios": ratios, "kl": kl,
+            "throughput": throughput}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        args.output_dir = args.output_dir or tmp  # the trainers' tokenizer; no checkpoint is written
+        result = run_bench(args)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"JSON: {args.json}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="configs/llada_tiny.yaml", help="base YAML (default llada_tiny)")
+    p.add_argument("--tiny", action="store_true", help="keep the config's model (default: a small LLaDA shape, "
+                                                      "4 x 256, vocab 32768)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--kl-repeats", type=int, default=3, help="timed KL repeats (after one warm-up)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (and for the KL)")
+    p.add_argument("--tau", type=float, default=0.5)
+    p.add_argument("--kl-rows", type=int, nargs="+", default=[256, 1024], help="masked positions")
+    p.add_argument("--kl-vocab", type=int, nargs="+", default=[LLADA_VOCAB, DREAM_VOCAB])
+    p.add_argument("--kl-chunks", type=int, nargs="+", default=[1024, 128],
+                   help="kernel chunk sizes (1024: the default MDU's loss uses)")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes for the throughput table")
+    p.add_argument("--output-dir", default="", help="where the trainers keep their tokenizer (default: a temp dir)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time SFT vs MDU steps, the vocab-parallel KL vs a naive one, and tokens/s "
+                                     "by TP size; prints tables and writes JSON")
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
