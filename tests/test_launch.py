@@ -1,0 +1,183 @@
+"""``mdu-dist launch`` without a cluster: the sbatch script submitit generates and each task's environment for
+a 4-node x 8-GPU job, sweeps as one job array, requeue with resume, bad input refused before submitting, and
+the local executor's 2-process job end to end.
+
+sbatch/srun/sinfo are stand-ins written here (sbatch keeps the script it is given and answers like Slurm), so
+these tests run anywhere; tests/test_launch_slurm.py runs the same commands against a real Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+from test_trainer import TINY, UNLEARN_TAGS, _cli, _scalars
+
+from mdu_dist.cli import main
+from mdu_dist.distributed import process_env
+from mdu_dist.launch.task import TrainTask, master_port, rendezvous
+
+# A TP=8 x PP=2 layout for the tiny model: 8 heads and KV heads, 4 layers; 4 nodes x 8 GPUs = 32 ranks, DP=2.
+TP8 = [*TINY, "model.num_attention_heads=8", "model.num_query_groups=8", "model.hidden_size=128",
+       "model.num_layers=4", "parallel.tensor=8", "parallel.pipeline=2"]
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch/srun/sinfo stand-ins on PATH; returns the file every submitted script is appended to."""
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    for name, body in {"sbatch": f'cat "$1" >> {scripts}\necho "Submitted batch job 4242"',
+                       "srun": "exit 0", "sinfo": 'printf "debug\\ngpu\\ngpu\\n"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return scripts
+
+
+def _launch(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["launch", "--config", "configs/llada_tiny.yaml", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_four_nodes_of_eight_gpus_sbatch_script(fake_slurm, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = _launch(capsys, "--executor", "slurm", "--nodes", "4", "--gpus-per-node", "8",
+                             "--cpus-per-task", "12", "--partition", "gpu", "--account", "proj",
+                             "--timeout-min", "240", *TP8, "launch.additional_parameters={qos: high}",
+                             f"train.output_dir={out_dir}")
+    assert code == 0, err
+    assert "4 node(s) x 8 task(s) = 32 ranks" in out and "job 4242: log " in out
+    assert f"tensorboard --logdir {out_dir}/tensorboard" in out
+    script = fake_slurm.read_text()
+    flags = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", script, re.M))
+    want = {"nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8", "cpus-per-task": "12", "partition": "gpu",
+            "account": "proj", "time": "240", "qos": "high", "requeue": "", "signal": "USR2@90",
+            "job-name": "mdu-dist", "open-mode": "append"}
+    assert {k: flags.get(k) for k in want} == want, script
+    # One srun over all 32 tasks, each running submitit's entry point on the pickled task.
+    folder = out_dir / "submitit"
+    assert re.search(rf"^srun .*python\S* -u -m submitit.core._submit {folder}$", script, re.M), script
+    assert flags["output"] == f"{folder}/%j_0_log.out"
+
+
+def test_per_task_environment_of_a_four_node_job(monkeypatch):
+    """Every one of the 32 tasks agrees on world size, master host and port; ranks and local ranks are right;
+    CUDA_VISIBLE_DEVICES is left as Slurm set it."""
+    seen = set()
+    for rank in range(32):
+        env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "32",
+               "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[017-019,023]", "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": str(rank % 8), "SLURM_NODEID": str(rank // 8), "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        import submitit
+
+        got = rendezvous(submitit.JobEnvironment())
+        assert got == {"RANK": str(rank), "LOCAL_RANK": str(rank % 8), "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8",
+                       "GROUP_RANK": str(rank // 8), "MASTER_ADDR": "gpu017", "MASTER_PORT": str(master_port("4242"))}
+        assert "CUDA_VISIBLE_DEVICES" not in got
+        penv = process_env({**env, **got})  # what mdu_dist.distributed.init then reads
+        assert (penv.rank, penv.local_rank, penv.world_size, penv.master_addr, penv.source) == \
+            (rank, rank % 8, 32, "gpu017", "torchrun")
+        seen.add((penv.master_addr, penv.master_port))
+    assert len(seen) == 1
+
+
+def test_array_elements_get_their_own_port(monkeypatch):
+    # Array elements may share nodes: the port comes from each element's own SLURM_JOB_ID.
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node1")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "500")
+    import submitit
+
+    ports = set()
+    for element, job_id in enumerate(("501", "502")):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(element))
+        monkeypatch.setenv("SLURM_JOB_ID", job_id)
+        ports.add(rendezvous(submitit.JobEnvironment())["MASTER_PORT"])
+    assert len(ports) == 2
+
+
+def test_sweep_is_one_job_array(fake_slurm, tmp_path, capsys):
+    out_dir = tmp_path / "sweep"
+    code, out, err = _launch(capsys, "--executor", "slurm", "--tasks-per-node", "2", "--sweep",
+                             "method.tau=0,0.25,0.5,0.75,1", *TINY, f"train.output_dir={out_dir}")
+    assert code == 0, err
+    script = fake_slurm.read_text()
+    assert script.count("#!/bin/bash") == 1 and "#SBATCH --array=0-4%5" in script, script
+    values = ("0", "0.25", "0.5", "0.75", "1")
+    assert all(f"job 4242_{i} [method.tau={t}]" in out for i, t in enumerate(values)), out
+    assert f"tensorboard --logdir {out_dir}" in out
+    for i, value in enumerate(values):
+        with open(out_dir / "submitit" / f"4242_{i}_submitted.pkl", "rb") as f:
+            config = pickle.load(f).function.config
+        assert config["method"]["tau"] == float(value)
+        assert config["train"]["output_dir"] == str(out_dir / f"tau={value}")  # each point its own run
+
+
+def test_checkpoint_requeues_with_resume_and_pickles_only_the_config():
+    from mdu_dist.config import load_config, to_dict
+
+    task = TrainTask(to_dict(load_config("configs/llada_tiny.yaml", TINY)), "unlearn")
+    again = task.checkpoint()
+    assert isinstance(again.function, TrainTask) and vars(again.function).keys() == {"config", "job"}
+    assert again.function.config["train"]["resume"] == "auto" and task.config["train"]["resume"] == "none"
+    pickle.dumps(again)  # what submitit writes for the requeued job
+
+
+@pytest.mark.parametrize("restarts,want", [("0", "none"), ("1", "auto")])
+def test_a_requeued_job_resumes(monkeypatch, restarts, want):
+    """`scontrol requeue` (no signal, so no checkpoint() call) still resumes: Slurm counts the restart."""
+    import mdu_dist.trainer
+    from mdu_dist.config import load_config, to_dict
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # restored after the test; TrainTask overwrites them
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+                       "SLURM_JOB_NODELIST": "localhost", "SLURM_RESTART_COUNT": restarts}.items():
+        monkeypatch.setenv(key, value)
+    got = {}
+    monkeypatch.setattr(mdu_dist.trainer, "run_job", lambda cfg, job: got.update(cfg=cfg, job=job) or {})
+    TrainTask(to_dict(load_config("configs/llada_tiny.yaml", TINY)), "unlearn")()
+    assert got["cfg"].train.resume == want and got["job"] == "unlearn"
+    assert os.environ["RANK"] == "0" and os.environ["MASTER_ADDR"] == "localhost"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--executor", "slurm", "--partition", "nope"],
+     "launch.partition='nope' does not exist (sinfo lists: debug, gpu)"),
+    (["--executor", "slurm", "--nodes", "3", "--tasks-per-node", "2", "parallel.tensor=4"],
+     "launch: nodes=3 x tasks_per_node=2 = 6 processes is not a multiple of parallel.tensor=4 x "
+     "parallel.pipeline=1 (= 4)"),
+    (["--executor", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--tasks-per-node", "4"],
+     "launch.tasks_per_node=4 must equal gpus_per_node=8"),
+    (["--executor", "local", "--nodes", "2"], "launch.nodes=2: the local executor runs on this machine only"),
+    (["--sweep", "method.tau"], "--sweep 'method.tau' is not of the form key.sub=v1,v2,..."),
+])
+def test_bad_input_is_refused_before_submitting(fake_slurm, tmp_path, capsys, args, needle):
+    out_dir = tmp_path / "run"
+    code, out, err = _launch(capsys, *args, *TINY, f"train.output_dir={out_dir}")
+    assert code == 2 and needle in err and err.strip().count("\n") == 0, err
+    assert not fake_slurm.exists() and not out_dir.exists()
+
+
+def test_slurm_without_sbatch_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing Slurm on it
+    code, out, err = _launch(capsys, "--executor", "slurm", *TINY, f"train.output_dir={tmp_path / 'run'}")
+    assert code == 2 and "launch.executor=slurm but sbatch is not on PATH" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_local_executor_runs_a_two_process_job(tmp_path):
+    out_dir = tmp_path / "local"
+    proc = _cli("launch", "--config", "configs/llada_tiny.yaml", "--executor", "local", "--tasks-per-node", "2",
+                *TINY, "train.max_steps=2", f"train.output_dir={out_dir}")
+    assert re.search(r"^job \d+ finished: .*forget-loss=", proc.stdout, re.M), proc.stdout
+    scalars = _scalars(out_dir)
+    assert UNLEARN_TAGS <= set(scalars) and [s for s, _ in scalars["unlearn/forget-loss"]] == [1, 2]
+    assert len(list((out_dir / "submitit").glob("*_log.out"))) == 2  # two ranks
