@@ -329,7 +329,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
 def write_outputs(result: dict, out: Path) -> None:
     from mdu_dist.eval.run import write_atomic
 
-    write_atomic(out / "results.json", json.dumps(result, indent=1, sort_keys=True))
+    write_atomic(out / "results.json", json.dumps(result, indent=1))  # runs in pipeline order
     write_atomic(out / "results.md", results_markdown(result))
     plot_losses(result, out / "loss_curves.png")
     plot_tradeoff(result, out / "forget_vs_utility.png")
