@@ -42,13 +42,13 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     tofu_dir: str = "../shared/data/tofu"
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
-    retain_rows: int = 60  # first N rows of retain90: the retain set
-    general_rows: int = 20  # first N rows of real_authors and of world_facts, taught in both fine-tunes
+    retain_rows: int = 40  # first N rows of retain90: the retain set
+    general_rows: int = 10  # first N rows of real_authors and of world_facts, taught in both fine-tunes
     eval_rows: int = 20  # rows evaluated per split (forget, retain, real_authors, world_facts)
     batch_size: int = 8  # rows per optimizer step (fine-tune and unlearn)
-    finetune_epochs: int = 15
-    finetune_lr: float = 2e-3
-    unlearn_epochs: int = 5
+    finetune_epochs: int = 60
+    finetune_lr: float = 3e-3
+    unlearn_epochs: int = 10
     unlearn_lr: float = 5e-4
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
     taus: list[float] = field(default_factory=lambda: [0.5])  # one MDU run per tau
@@ -282,9 +282,13 @@ def plot_losses(result: dict, path: Path) -> None:
         scalars = _scalars(run["run_dir"])
         if "lm loss" in scalars:
             steps, values = zip(*scalars["lm loss"])
-            axes[0].plot(steps, values, label=name)
+            line, = axes[0].plot(steps, values, alpha=0.25)
+            k = max(1, len(values) // 20)  # the masked-diffusion loss is noisy: a moving average over ~5% of the run
+            smooth = [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1])
+                      for i in range(len(values))]
+            axes[0].plot(steps, smooth, color=line.get_color(), label=f"{name} (moving avg.)")
         for ax, tag in ((axes[1], "unlearn/forget-loss"), (axes[2], "unlearn/retain-loss")):
-            if tag in scalars:
+            if tag in scalars and any(v != 0 for _, v in scalars[tag]):  # GA has no retain term (logged as 0)
                 steps, values = zip(*scalars[tag])
                 ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
     for ax, title in zip(axes, ("fine-tuning loss", "unlearning: forget loss", "unlearning: retain loss")):
