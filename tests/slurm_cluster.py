@@ -12,6 +12,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,10 +29,6 @@ class SlurmCluster:
     node: str
     partition: str
     cpus: int
-
-    def log(self, daemon: str) -> str:
-        path = self.root / f"{daemon}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _ensure_installed() -> None:
@@ -103,10 +100,11 @@ def _wait_idle(node: str, procs: dict[str, subprocess.Popen], root: Path, timeou
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+def slurm_cluster() -> Iterator[SlurmCluster]:
     _ensure_installed()
-    root = tmp_path_factory.mktemp("slurm")
-    root.chmod(0o700)  # munged refuses a socket directory others can write to
+    # Not under pytest's basetemp: a concurrent pytest session may prune that while the daemons run. mkdtemp
+    # also gives mode 0700, which munged wants for its socket directory.
+    root = Path(tempfile.mkdtemp(prefix="mdu-slurm-"))
     for sub in ("state", "spool"):
         (root / sub).mkdir()
     key = root / "munge.key"
@@ -146,3 +144,4 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = old_conf
+        shutil.rmtree(root, ignore_errors=True)

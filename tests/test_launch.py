@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import submitit
 from test_trainer import TINY, UNLEARN_TAGS, _cli, _scalars
 
 from mdu_dist.cli import main
@@ -72,10 +73,10 @@ def test_per_task_environment_of_a_four_node_job(monkeypatch):
     for rank in range(32):
         env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "32",
                "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[017-019,023]", "SLURM_PROCID": str(rank),
-               "SLURM_LOCALID": str(rank % 8), "SLURM_NODEID": str(rank // 8), "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+               "SLURM_LOCALID": str(rank % 8), "SLURM_NODEID": str(rank // 8),
+               "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        import submitit
 
         got = rendezvous(submitit.JobEnvironment())
         assert got == {"RANK": str(rank), "LOCAL_RANK": str(rank % 8), "WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8",
@@ -93,7 +94,6 @@ def test_array_elements_get_their_own_port(monkeypatch):
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_NODELIST", "node1")
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "500")
-    import submitit
 
     ports = set()
     for element, job_id in enumerate(("501", "502")):

@@ -3,6 +3,9 @@
 - A 2-task MDU job of the tiny model, ranks joined by gloo, finishes; its log and TensorBoard events are right.
 - Preemption: the job gets submitit's signal mid-run, rank 0 requeues it, the new allocation resumes from the
   latest complete checkpoint and ends with exactly the loss curve of the uninterrupted job.
+
+About two minutes on two cores (cluster start ~5 s, two MDU jobs of 6 steps, one of them requeued), so it is
+part of `make test` (.ci/run).
 """
 
 from __future__ import annotations
@@ -16,14 +19,12 @@ import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401 - the fixture
 from test_trainer import TINY, UNLEARN_TAGS, _cli, _scalars
 
-pytestmark = pytest.mark.slow
-
 STEPS = ["train.max_steps=6", "train.save_every=2"]
 
 
-def _launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _launch(cluster, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return _cli("launch", "--config", "configs/llada_tiny.yaml", "--executor", "slurm", "--job", "unlearn",
-                "--tasks-per-node", "2", "--partition", "debug", "--timeout-min", "20", *extra, *TINY, *STEPS,
+                "--tasks-per-node", "2", "--partition", cluster.partition, "--timeout-min", "20", *extra, *TINY, *STEPS,
                 f"train.output_dir={out}")
 
 
@@ -43,6 +44,17 @@ def _wait_gone(job_id: str, timeout: float) -> None:
     raise AssertionError(f"job {job_id} still queued/running after {timeout:.0f} s")
 
 
+def _first_logged_step(run: Path) -> int:
+    """First forget-loss step in the newest event file (each allocation's rank 0 writes its own)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
+    assert len(files) == 2, files  # one per allocation
+    acc = EventAccumulator(str(files[-1]))
+    acc.Reload()
+    return min(e.step for e in acc.Scalars("unlearn/forget-loss"))
+
+
 def _skip_requeue_delay(job_id: str, timeout: float = 60) -> None:
     """Slurm holds a requeued batch job for two minutes (its BeginTime); a real cluster waits, the test need
     not: once the job is back in the queue, make it eligible now."""
@@ -59,7 +71,7 @@ def _skip_requeue_delay(job_id: str, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(slurm_cluster, tmp_path_factory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("whole")
-    proc = _launch(out, "--wait")
+    proc = _launch(slurm_cluster, out, "--wait")
     assert "TensorBoard: tensorboard --logdir" in proc.stdout and "finished: " in proc.stdout, proc.stdout
     return out
 
@@ -74,9 +86,9 @@ def test_two_task_job_runs_and_logs(uninterrupted):
     assert (uninterrupted / "checkpoints" / "step-6").is_dir()
 
 
-def test_preempted_job_requeues_resumes_and_matches(uninterrupted, tmp_path):
+def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, uninterrupted, tmp_path):  # noqa: F811
     out = tmp_path / "preempted"
-    job_id = _job_id(_launch(out))
+    job_id = _job_id(_launch(slurm_cluster, out))
     mid = out / "checkpoints" / "step-2"
     deadline = time.monotonic() + 300
     while not mid.exists() and time.monotonic() < deadline:
@@ -93,6 +105,9 @@ def test_preempted_job_requeues_resumes_and_matches(uninterrupted, tmp_path):
     assert "Requeued job" in rank0 and "Job completed successfully" in rank0, rank0[-3000:]
     restarts = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     assert "Restarts=1" in restarts, restarts
+    # The second allocation resumed from a checkpoint (step 2 or later) rather than starting over.
+    resumed = _first_logged_step(out)
+    assert resumed >= 3, f"the requeued job logged from step {resumed}: it did not resume"
     a, b = _scalars(uninterrupted), _scalars(out)
     for tag in ("unlearn/forget-loss", "unlearn/retain-loss", "grad-norm", "learning-rate"):
         # Steps after the resumed checkpoint are logged twice; the resumed run's value is the last one.
