@@ -3,8 +3,8 @@
 - TP=1, TP=2 and TP=1 x PP=2 runs of MDU from the same weights and seed agree: loss curves (read back from the
   TensorBoard event files, which must hold the documented tags) and final weights (read from the checkpoints)
   to 1e-4.
-- A run killed with SIGKILL mid-save, then resumed with ``train.resume=auto``, reproduces the uninterrupted
-  loss curve exactly.
+- A run killed with SIGKILL during training or mid-save, then resumed with ``train.resume=auto``, reproduces
+  the uninterrupted loss curve and final weights exactly.
 - Bad input fails with one line naming the file / key, before anything is written.
 """
 
@@ -76,32 +76,40 @@ def test_tp_and_pp_layouts_agree(tmp_path):
     assert not torch.equal(initial, torch.zeros_like(initial))
 
 
-def test_sigkill_mid_save_then_resume_replays_exactly(tmp_path):
-    args = ["unlearn", "--config", "configs/llada_tiny.yaml", *TINY, "train.max_steps=4", "train.save_every=1"]
-    whole = tmp_path / "whole"
-    _cli(*args, f"train.output_dir={whole}")
+RESUME_ARGS = ["unlearn", "--config", "configs/llada_tiny.yaml", *TINY, "train.max_steps=4", "train.save_every=1"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole")
+    _cli(*RESUME_ARGS, f"train.output_dir={out}")
+    return out
+
+
+@pytest.mark.parametrize("kill_when", ["training", "saving"])
+def test_sigkill_then_resume_replays_exactly(tmp_path, uninterrupted, kill_when):
+    """SIGKILL while step 3 trains (step-2 just written) or while step 3 is being saved; then resume."""
     cut = tmp_path / "cut"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path("build/torch_extensions").absolute())}
-    proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *args, f"train.output_dir={cut}"],
+    proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *RESUME_ARGS, f"train.output_dir={cut}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    partial = cut / "checkpoints" / ".step-3.partial"
+    trigger = cut / "checkpoints" / ("step-2" if kill_when == "training" else ".step-3.partial")
     deadline = time.monotonic() + 300
-    while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the CLI and its rank
     proc.wait()
-    assert partial.exists(), "the run ended before it began saving step 3"
+    assert trigger.exists(), f"the run ended before {trigger.name} appeared"
     assert not (cut / "checkpoints" / "step-3").exists()
 
-    _cli(*args, f"train.output_dir={cut}", "train.resume=auto")
-    a, b = _scalars(whole), _scalars(cut)
+    _cli(*RESUME_ARGS, f"train.output_dir={cut}", "train.resume=auto")
+    a, b = _scalars(uninterrupted), _scalars(cut)
     for tag in ("unlearn/forget-loss", "unlearn/retain-loss", "grad-norm", "learning-rate"):
         # The killed run may have logged step 3 before dying; the resumed run logs it again (last one wins).
         curve_a, curve_b = dict(a[tag]), dict(b[tag])
         assert sorted(curve_b) == [1, 2, 3, 4]
         assert curve_a == curve_b, f"{tag}: resumed {curve_b} != uninterrupted {curve_a}"
-    wa, wb = _final_weights(whole, 4), _final_weights(cut, 4)
+    wa, wb = _final_weights(uninterrupted, 4), _final_weights(cut, 4)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -119,12 +127,16 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, needle):
     assert not out.exists()
 
 
-def test_row_without_answer_is_named(tmp_path):
+@pytest.mark.parametrize("content,needle", [
+    ('{"question": "q1", "answer": "a1"}\n{"question": "q2", "response": "a2"}\n', "forget.jsonl: row 2 has no 'answer'"),
+    ("", "forget.jsonl: no rows"),
+], ids=["row-without-answer", "empty-forget-set"])
+def test_bad_forget_file_is_named(tmp_path, content, needle):
     bad = tmp_path / "forget.jsonl"
-    bad.write_text('{"question": "q1", "answer": "a1"}\n{"question": "q2", "response": "a2"}\n')
+    bad.write_text(content)
     out = tmp_path / "run"
     proc = _cli("unlearn", "--config", "configs/llada_tiny.yaml", *TINY, f"data.forget={bad}",
                 f"train.output_dir={out}", check=False)
     assert proc.returncode == 2
-    assert "forget.jsonl: row 2 has no 'answer'" in proc.stderr
+    assert needle in proc.stderr
     assert not out.exists()
