@@ -19,8 +19,10 @@ from typing import Any
 
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError
+from mdu_dist.data import DataError
 
 _LAUNCHED = ("RANK", "WORLD_SIZE")
+_ONE_LINE_ERRORS = (CheckpointError, ConfigError, DataError)
 
 
 def launched_world_size() -> int | None:
@@ -58,7 +60,9 @@ def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, 
     try:
         results.put((rank, None, fn(*args)))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
-        kind = "known" if isinstance(e, (CheckpointError, ConfigError)) else "crash"
+        # Errors with a one-line message naming the bad value reach the caller as themselves (the class
+        # travels by reference); anything else is a crash and keeps its traceback.
+        kind = type(e) if isinstance(e, _ONE_LINE_ERRORS) else "crash"
         results.put((rank, (kind, str(e), traceback.format_exc()), None))
     finally:
         import torch.distributed as dist
@@ -112,7 +116,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
                 p.join()
     if failure is not None:
         rank, (kind, message, tb) = failure
-        if kind == "known":
-            raise CheckpointError(message)
+        if kind != "crash":
+            raise kind(message)
         raise RuntimeError(f"rank {rank} of {world_size} failed: {message}\n{tb}")
     return [done[r] for r in range(world_size)]
