@@ -131,7 +131,8 @@ def bench_kl(rows: list[int], vocabs: list[int], chunks: list[int], tau: float, 
                             "parallel_peak_bytes": par["peak_bytes"],
                             "time_ratio": par["seconds"] / naive["seconds"],
                             "memory_ratio": par["peak_bytes"] / naive["peak_bytes"],
-                            "memory_ratio_less_grad": _less_grad(par["peak_bytes"], naive["peak_bytes"], n * vocab * 4)})
+                            "memory_ratio_less_grad": _less_grad(par["peak_bytes"], naive["peak_bytes"],
+                                                                 n * vocab * 4)})
     return out
 
 
@@ -205,7 +206,8 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
                 trainers[kind].train_step(i)
                 if i >= warmup:
                     times[kind].append(time.perf_counter() - start)
-        return {k: {"seconds": statistics.median(v), "tokens": tokens[k], "tokens_per_s": tokens[k] / statistics.median(v),
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        return {k: {"seconds": medians[k], "tokens": tokens[k], "tokens_per_s": tokens[k] / medians[k],
                     "all_seconds": v} for k, v in times.items()}
     finally:
         distributed.shutdown()
