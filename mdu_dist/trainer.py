@@ -238,7 +238,8 @@ class Trainer:
         stats = optimizer_step(self.engine)
         elapsed = time.perf_counter() - start
         metrics = self._reduce_metrics(reported)
-        tokens = sum(int(mb.ids.numel()) for mb in mbs) * self.dp
+        # Tokens of the rows being trained (the frozen reference's rows are extra work, not throughput).
+        tokens = sum(mb.n_policy * mb.ids.shape[1] for mb in mbs) * self.dp
         metrics.update({"learning-rate": stats.lr, "grad-norm": stats.grad_norm, "step-time": elapsed,
                         "throughput": tokens / elapsed})
         return metrics

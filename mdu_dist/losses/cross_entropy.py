@@ -7,7 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from mdu_dist.losses.divergence import all_reduce_, excluded_columns
+from mdu_dist.losses.divergence import all_reduce_, chunk_rows, excluded_columns
 
 WEIGHTINGS = ("inverse_t", "none", "geometric")
 
@@ -55,7 +55,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup | None, *,
-                                 vocab_start: int, vocab_size: int, chunk_size: int = 1024) -> torch.Tensor:
+                                 vocab_start: int, vocab_size: int, chunk_size: int | None = None) -> torch.Tensor:
     """nll[N] = -log softmax(z)[target] over the whole vocabulary, z = ``logits`` [N, V_local] being this rank's
     slice [vocab_start, vocab_start + V_local) of the padded vocabulary (``group=None``: one process).
 
@@ -64,6 +64,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     max and log-sum-exp. Communication per chunk: one MAX all-reduce, one SUM all-reduce of [exp-sum; target
     logit]. Result in float32 (float64 for float64 logits); ``N`` must be equal on all ranks of ``group``.
     """
+    chunk_size = chunk_rows(logits.shape[-1]) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if logits.dim() != 2 or target.shape != logits.shape[:1]:

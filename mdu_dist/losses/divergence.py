@@ -14,6 +14,14 @@ import torch.distributed as dist
 DIRECTIONS = ("forward", "reverse", "js")
 
 
+CHUNK_BYTES = 64 * 2**20
+
+
+def chunk_rows(v_local: int) -> int:
+    """Rows per chunk so that one float32 [rows, V_local] buffer stays within CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // (4 * max(v_local, 1)))
+
+
 def all_reduce_(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> torch.Tensor:
     """In-place all-reduce over ``group``; ``None`` is a single process that holds the whole vocabulary."""
     if group is not None:
@@ -116,7 +124,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
 def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
                               group: dist.ProcessGroup | None, *, vocab_start: int, vocab_size: int,
                               direction: str = "forward", tau: float = 1.0, eta: float = 0.0,
-                              exclude_ids: torch.Tensor | None = None, chunk_size: int = 1024) -> torch.Tensor:
+                              exclude_ids: torch.Tensor | None = None, chunk_size: int | None = None
+                              ) -> torch.Tensor:
     """Per-row divergence between p = softmax(logits) and a detached target q, over a vocab-parallel slice.
 
     Rows are positions (the caller selects the masked response positions); columns are this rank's slice
@@ -141,8 +150,8 @@ def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
 
     Communication per chunk of rows: one MAX and one SUM all-reduce of the [2, rows] max / exp-sum of both
     distributions, one SUM all-reduce of the partial divergence ([2, rows] for js); the backward needs none.
-    Memory: rows are processed ``chunk_size`` at a time, so the float32 working set is a few
-    chunk_size x V_local buffers; the backward keeps only the inputs and O(N) per-row statistics and recomputes
+    Memory: rows are processed ``chunk_size`` at a time (default ``chunk_rows(V_local)``: 64 MiB of float32 per
+    buffer, 132 rows at LLaDA's vocabulary), so the float32 working set is a few chunk_size x V_local buffers; the backward keeps only the inputs and O(N) per-row statistics and recomputes
     the rest. Arithmetic is float32 (float64 for float64 inputs), which is also the dtype of the result [N].
     ``N`` must be equal on all ranks of ``group`` (it sets the number of collectives); N = 0 gives an empty result.
     """
@@ -150,6 +159,7 @@ def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
         raise ValueError(f"unknown divergence direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
     if not tau >= 0:
         raise ValueError(f"tau must be >= 0 (0 = uniform target, 1 = raw anchor), got {tau}")
+    chunk_size = chunk_rows(logits.shape[-1]) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if logits.dim() != 2 or anchor_logits.shape != logits.shape:
