@@ -57,7 +57,8 @@ def naive_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float) -> torch.Te
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
-def parallel_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float, chunk_size: int = 1024) -> torch.Tensor:
+def parallel_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float, chunk_size: int | None = None
+                ) -> torch.Tensor:
     """The kernel MDU's loss uses, on one process holding the whole vocabulary."""
     return vocab_parallel_divergence(logits, anchor, None, vocab_start=0, vocab_size=logits.shape[1],
                                      direction="forward", tau=tau, chunk_size=chunk_size)
@@ -65,13 +66,16 @@ def parallel_kl(logits: torch.Tensor, anchor: torch.Tensor, tau: float, chunk_si
 
 class LiveBytes(TorchDispatchMode):
     """Peak bytes of the storages allocated by the ops run under it (inputs made outside are not counted):
-    each new storage counts from its creation until its last reference dies. The same probe as
-    tests/test_divergence.py's bound; CPU has no allocator statistics to ask instead."""
+    each new storage counts from its creation until its last reference dies (weakref.finalize). Also the
+    probe of tests/test_divergence.py's memory bound; CPU has no allocator statistics to ask instead."""
 
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
         self.tracked: set[int] = set()
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
 
     def _free(self, key: int, nbytes: int) -> None:
         self.tracked.discard(key)
@@ -309,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-rows", type=int, nargs="+", default=[256, 1024], help="masked positions")
     p.add_argument("--kl-vocab", type=int, nargs="+", default=[LLADA_VOCAB, DREAM_VOCAB])
     p.add_argument("--kl-chunks", type=int, nargs="+", default=[1024, 128],
-                   help="kernel chunk sizes (1024: the default MDU's loss uses)")
+                   help="kernel chunk sizes (the kernel's own default is byte-sized: chunk_rows(V))")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes for the throughput table")
     p.add_argument("--output-dir", default="", help="where the trainers keep their tokenizer (default: a temp dir)")
     p.add_argument("--json", help="write the results here")

@@ -8,16 +8,14 @@ kernel is exercised on sub-groups, as it is under megatron). ``group=None`` is t
 from __future__ import annotations
 
 import itertools
-import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
-from multiproc import run_distributed
+from mdu_dist.bench import LiveBytes
 from mdu_dist.losses.divergence import DIRECTIONS, vocab_parallel_divergence
+from multiproc import run_distributed
 
 VOCAB, PADDED, ROWS, CHUNK = 37, 40, 6, 4  # 37 is padded to 40 for TP=4: the last rank holds 3 padding columns
 SPECIAL = torch.tensor([0, 11, 36])  # on three different TP=4 ranks, the last one next to the padding
@@ -191,39 +189,6 @@ def test_zero_positions_give_an_empty_result():
     out = vocab_parallel_divergence(z, torch.zeros(0, 8), None, vocab_start=0, vocab_size=8)
     out.sum().backward()
     assert out.shape == (0,) and not torch.isnan(z.grad).any()
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages allocated by the ops run under it (inputs made outside are not counted):
-    each new storage counts from its creation until its last reference dies (weakref.finalize)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.tracked: set[int] = set()
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.tracked.discard(key)
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes and key not in inputs and key not in self.tracked:  # views and in-place ops alias inputs
-                self.tracked.add(key)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, key, nbytes)
-        return out
 
 
 def _naive(logits, anchor, group, *, vocab_start, vocab_size, direction, chunk_size):
