@@ -31,25 +31,28 @@ class PolicyAndReference(nn.Module):
         self._input = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     @staticmethod
-    def _run(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor | None
+    def _run(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor | None, hidden: torch.Tensor | None
              ) -> torch.Tensor:
         _stage(model).module.set_input_tensor(hidden)
         return model(ids, positions)
 
-    def forward(self, ids: torch.Tensor, n_policy: int, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, n_policy: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``ids`` and ``positions`` [rows, seq]: rows ``[:n_policy]`` go to the policy, the rest to the frozen
         reference. The last stage returns the logits at ``positions`` ([N, V_local], row-major: the policy's
-        first), the others hidden states [seq, rows, hidden] for the next stage."""
+        first; without ``positions`` all of them, [rows, seq, V_local]), the others hidden states
+        [seq, rows, hidden] for the next stage."""
         hidden = self._input
         policy_hidden = None if hidden is None else hidden[:, :n_policy]
-        out = self._run(self.module, ids[:n_policy], positions[:n_policy], policy_hidden)
+        policy_positions = None if positions is None else positions[:n_policy]
+        out = self._run(self.module, ids[:n_policy], policy_positions, policy_hidden)
         if n_policy == ids.shape[0]:
             return out
         if self.reference is None:
             raise ValueError(f"{ids.shape[0] - n_policy} reference rows but no reference model was built")
         with torch.no_grad():
             ref_hidden = None if hidden is None else hidden[:, n_policy:]
-            ref_out = self._run(self.reference, ids[n_policy:], positions[n_policy:], ref_hidden)
+            ref_positions = None if positions is None else positions[n_policy:]
+            ref_out = self._run(self.reference, ids[n_policy:], ref_positions, ref_hidden)
         return torch.cat([out, ref_out], dim=0 if _stage(self.module).post_process else 1)
 
 
