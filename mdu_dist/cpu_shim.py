@@ -102,7 +102,3 @@ def activate() -> list[str]:
         setattr(importlib.import_module(r.owner), r.attribute, r.replacement())
         _ACTIVE.append(r.name)
     return list(_ACTIVE)
-
-
-def active() -> list[str]:
-    return list(_ACTIVE)

@@ -76,12 +76,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
