@@ -7,18 +7,14 @@ import math
 import torch
 import torch.distributed as dist
 
-from mdu_dist.losses.divergence import all_reduce_, chunk_rows, excluded_columns
+from mdu_dist.losses.divergence import all_reduce_, chunk_rows, excluded_columns, scale_gradient_
 
 WEIGHTINGS = ("inverse_t", "none", "geometric")
 
 
-def _masked_logits(logits: torch.Tensor, excluded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return logits.to(dtype, copy=True).masked_fill_(excluded, -math.inf)
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, group, vocab_start, vocab_size, chunk_size):
+    def forward(ctx, logits, target, group, vocab_start, vocab_size, chunk_size, with_grad):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n, v_local = logits.shape
         excluded = excluded_columns(v_local, vocab_start, vocab_size, None, logits.device)
@@ -26,32 +22,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         owned = (local >= 0) & (local < v_local)  # the rank whose slice holds the target contributes its logit
         local = local.clamp(0, v_local - 1)
         nll = torch.empty(n, dtype=dtype, device=logits.device)
-        norms = torch.empty(2, n, dtype=dtype, device=logits.device)  # per row: max, log sum exp(z - max)
+        # As in Megatron's vocab-parallel cross entropy, the gradient softmax - onehot is formed in the forward
+        # and only scaled in the backward: the logits need not outlive the forward, nothing is recomputed.
+        grad = torch.empty_like(logits) if with_grad else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = _masked_logits(logits[s:e], excluded, dtype)
+            z = logits[s:e].to(dtype, copy=True).masked_fill_(excluded, -math.inf)
             peak = all_reduce_(z.amax(-1), dist.ReduceOp.MAX, group)
             z.sub_(peak[:, None])
             picked = z.gather(1, local[s:e, None]).squeeze(1).masked_fill_(~owned[s:e], 0.0)
             sums = all_reduce_(torch.stack((z.exp_().sum(-1), picked)), dist.ReduceOp.SUM, group)
-            norms[0, s:e], norms[1, s:e] = peak, sums[0].log()
-            nll[s:e] = norms[1, s:e] - sums[1]
-        ctx.save_for_backward(logits, local, owned, excluded, norms)
-        ctx.options = chunk_size, dtype
+            nll[s:e] = sums[0].log() - sums[1]
+            if grad is not None:
+                z.div_(sums[0, :, None])
+                z[torch.arange(e - s, device=z.device), local[s:e]] -= owned[s:e].to(dtype)
+                grad[s:e] = z
+        ctx.save_for_backward(grad)
+        ctx.consumed = False
         return nll
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, local, owned, excluded, norms = ctx.saved_tensors
-        chunk_size, dtype = ctx.options
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], chunk_size):
-            e = min(s + chunk_size, logits.shape[0])
-            g = _masked_logits(logits[s:e], excluded, dtype)
-            g.sub_(norms[0, s:e, None]).sub_(norms[1, s:e, None]).exp_()
-            g[torch.arange(e - s, device=g.device), local[s:e]] -= owned[s:e].to(dtype)
-            grad[s:e] = g.mul_(grad_out[s:e, None].to(dtype))
-        return grad, None, None, None, None, None
+        return scale_gradient_(ctx, grad_out), *([None] * 6)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup | None, *,
@@ -60,8 +52,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     slice [vocab_start, vocab_start + V_local) of the padded vocabulary (``group=None``: one process).
 
     Padding columns (id >= ``vocab_size``) are excluded whatever they hold; targets must be real ids. Gradient:
-    softmax(z) - onehot(target), computed analytically per chunk of ``chunk_size`` rows from the saved per-row
-    max and log-sum-exp. Communication per chunk: one MAX all-reduce, one SUM all-reduce of [exp-sum; target
+    softmax(z) - onehot(target), formed in the forward per chunk of ``chunk_size`` rows into one [N, V_local]
+    buffer of the logits' dtype (when ``logits`` requires a gradient), which the backward scales in place. Communication per chunk: one MAX all-reduce, one SUM all-reduce of [exp-sum; target
     logit]. Result in float32 (float64 for float64 logits); ``N`` must be equal on all ranks of ``group``.
     """
     chunk_size = chunk_rows(logits.shape[-1]) if chunk_size is None else chunk_size
@@ -72,7 +64,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
                          f"{tuple(target.shape)}")
     if target.numel() and not (0 <= int(target.min()) and int(target.max()) < vocab_size):
         raise ValueError(f"target ids must lie in [0, {vocab_size}); got [{int(target.min())}, {int(target.max())}]")
-    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, vocab_size, chunk_size)
+    return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, vocab_size, chunk_size,
+                                            logits.requires_grad and torch.is_grad_enabled())
 
 
 def token_weights(masked: torch.Tensor, t: torch.Tensor, weighting: str = "inverse_t",

@@ -39,6 +39,18 @@ def excluded_columns(v_local: int, vocab_start: int, vocab_size: int, exclude_id
     return out
 
 
+def scale_gradient_(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    """The backward of a kernel that formed its [N, V_local] gradient in the forward: that buffer times the
+    incoming per-row gradient, in place. Refuses a second backward through the same graph (retain_graph=True),
+    which would see the buffer already scaled."""
+    if ctx.consumed:
+        raise RuntimeError("this vocab-parallel loss scales its saved gradient in place, so its backward runs once; "
+                           "recompute the loss instead of back-propagating twice through it (retain_graph=True)")
+    ctx.consumed = True
+    grad, = ctx.saved_tensors
+    return grad.mul_(grad_out[:, None].to(grad.dtype))
+
+
 def _raw_logits(logits: torch.Tensor, anchor: torch.Tensor, excluded: torch.Tensor, tau: float, eta: float,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Fresh ``dtype`` copies of the prediction logits z and the target logits tau * (anchor - eta (z - anchor)),
@@ -49,13 +61,6 @@ def _raw_logits(logits: torch.Tensor, anchor: torch.Tensor, excluded: torch.Tens
         a.mul_(1.0 + eta).sub_(z, alpha=eta)
     a.mul_(tau).masked_fill_(excluded, -math.inf)
     return z, a
-
-
-def _log_softmax_(z: torch.Tensor, a: torch.Tensor, norms: torch.Tensor) -> None:
-    """In place z, a -> log p, log q from per-row [max; log sum exp] norms [2, 2, n]; the same operations in the
-    forward and the backward, so both see bit-identical log-probabilities."""
-    for x, (peak, log_sum) in zip((z, a), norms.unbind(1)):
-        x.sub_(peak[:, None]).sub_(log_sum[:, None])
 
 
 def _weighted_log_ratio(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
@@ -69,56 +74,57 @@ def _log_mixture(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(logp, logq).sub_(math.log(2.0))
 
 
+def _chunk(z: torch.Tensor, a: torch.Tensor, excluded: torch.Tensor, direction: str,
+           group: dist.ProcessGroup | None, grad: torch.Tensor | None) -> torch.Tensor:
+    """The divergence of a chunk of rows from its raw logits z, a (overwritten); writes dD/dz into ``grad``
+    unless it is None. A function of its own so that the chunk's buffers die with it, not with the next chunk."""
+    peak = all_reduce_(torch.stack((z.amax(-1), a.amax(-1))), dist.ReduceOp.MAX, group)
+    sums = torch.stack([torch.exp(x - m[:, None]).sum(-1) for x, m in zip((z, a), peak)])
+    log_sums = all_reduce_(sums, dist.ReduceOp.SUM, group).log_()
+    for x, m, log_sum in zip((z, a), peak, log_sums):  # in place: z, a -> log p, log q
+        x.sub_(m[:, None]).sub_(log_sum[:, None])
+    # w: the distribution whose expectation the first KL takes; kept to form the gradient from.
+    if direction == "reverse":
+        w = a.exp()
+        part = _weighted_log_ratio(w, a, z, excluded)[None]
+    else:
+        w = z.exp()
+        logm = _log_mixture(z, a) if direction == "js" else a
+        part = _weighted_log_ratio(w, z, logm, excluded)[None]
+        if direction == "js":
+            part = torch.cat((part, _weighted_log_ratio(a.exp(), a, logm, excluded)[None]))
+    part = all_reduce_(part, dist.ReduceOp.SUM, group)
+    if grad is not None:
+        if direction == "reverse":
+            grad.copy_(z.exp_().sub_(w))
+        else:  # forward: p (log p - log q - KL(p||q)); js: 1/2 p (log p - log m - KL(p||m))
+            g = z.sub_(logm).sub_(part[0, :, None]).masked_fill_(excluded, 0.0).mul_(w)
+            grad.copy_(g.mul_(0.5) if direction == "js" else g)
+    return part[0] if direction != "js" else 0.5 * (part[0] + part[1])
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, anchor, group, vocab_start, vocab_size, direction, tau, eta, exclude_ids,
-                chunk_size):
+                chunk_size, with_grad):
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n = logits.shape[0]
         excluded = excluded_columns(logits.shape[1], vocab_start, vocab_size, exclude_ids, logits.device)
         out = torch.empty(n, dtype=dtype, device=logits.device)
-        norms = torch.empty(2, 2, n, dtype=dtype, device=logits.device)  # [max, log sum exp] x [p, q] x rows
-        stat = torch.empty(n, dtype=dtype, device=logits.device)  # the KL the backward subtracts (js: KL(p||m))
+        # The gradient is formed here, per chunk, while log p and log q are at hand, and the backward only scales
+        # it: no recomputation of either log-softmax, and neither input's logits need outlive the forward.
+        grad = torch.empty_like(logits) if with_grad else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z, a = _raw_logits(logits[s:e], anchor[s:e], excluded, tau, eta, dtype)
-            peak = all_reduce_(torch.stack((z.amax(-1), a.amax(-1))), dist.ReduceOp.MAX, group)
-            sums = torch.stack([torch.exp(x - m[:, None]).sum(-1) for x, m in zip((z, a), peak)])
-            norms[0, :, s:e], norms[1, :, s:e] = peak, all_reduce_(sums, dist.ReduceOp.SUM, group).log_()
-            _log_softmax_(z, a, norms[..., s:e])
-            if direction == "forward":
-                part = _weighted_log_ratio(z.exp(), z, a, excluded)[None]
-            elif direction == "reverse":
-                part = _weighted_log_ratio(a.exp(), a, z, excluded)[None]
-            else:
-                logm = _log_mixture(z, a)
-                part = torch.stack((_weighted_log_ratio(z.exp(), z, logm, excluded),
-                                    _weighted_log_ratio(a.exp(), a, logm, excluded)))
-            part = all_reduce_(part, dist.ReduceOp.SUM, group)
-            stat[s:e] = part[0]
-            out[s:e] = part[0] if direction != "js" else 0.5 * (part[0] + part[1])
-        ctx.save_for_backward(logits, anchor, excluded, norms, stat)
-        ctx.options = direction, tau, eta, chunk_size, dtype
+            out[s:e] = _chunk(*_raw_logits(logits[s:e], anchor[s:e], excluded, tau, eta, dtype), excluded,
+                              direction, group, None if grad is None else grad[s:e])
+        ctx.save_for_backward(grad)
+        ctx.consumed = False
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, anchor, excluded, norms, stat = ctx.saved_tensors
-        direction, tau, eta, chunk_size, dtype = ctx.options
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], chunk_size):
-            e = min(s + chunk_size, logits.shape[0])
-            z, a = _raw_logits(logits[s:e], anchor[s:e], excluded, tau, eta, dtype)
-            _log_softmax_(z, a, norms[..., s:e])
-            if direction == "forward":
-                g = (z - a).sub_(stat[s:e, None]).masked_fill_(excluded, 0.0).mul_(z.exp())
-            elif direction == "reverse":
-                g = z.exp_().sub_(a.exp_())
-            else:
-                g = (z - _log_mixture(z, a)).sub_(stat[s:e, None]).masked_fill_(excluded, 0.0)
-                g.mul_(z.exp_()).mul_(0.5)
-            grad[s:e] = g.mul_(grad_out[s:e, None].to(dtype))
-        return grad, *([None] * 9)
+        return scale_gradient_(ctx, grad_out), *([None] * 10)
 
 
 def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
@@ -151,8 +157,11 @@ def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
     Communication per chunk of rows: one MAX and one SUM all-reduce of the [2, rows] max / exp-sum of both
     distributions, one SUM all-reduce of the partial divergence ([2, rows] for js); the backward needs none.
     Memory: rows are processed ``chunk_size`` at a time (default ``chunk_rows(V_local)``: 64 MiB of float32 per
-    buffer, 132 rows at LLaDA's vocabulary), so the float32 working set is a few chunk_size x V_local buffers; the backward keeps only the inputs and O(N) per-row statistics and recomputes
-    the rest. Arithmetic is float32 (float64 for float64 inputs), which is also the dtype of the result [N].
+    buffer, 132 rows at LLaDA's vocabulary), so the float32 working set is a few chunk_size x V_local buffers.
+    When ``logits`` requires a gradient the forward also writes it, chunk by chunk, into one [N, V_local] buffer
+    of the logits' dtype, which is the only thing kept for the backward (it scales the buffer in place by the
+    incoming per-row gradient and returns it): no recomputation, and the inputs' logits can be freed after the
+    forward. Arithmetic is float32 (float64 for float64 inputs), which is also the dtype of the result [N].
     ``N`` must be equal on all ranks of ``group`` (it sets the number of collectives); N = 0 gives an empty result.
     """
     if direction not in DIRECTIONS:
@@ -171,4 +180,5 @@ def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
         if kept < 1:
             raise ValueError(f"exclude_ids removes all {vocab_size} vocabulary entries")
     return _VocabParallelDivergence.apply(logits, anchor_logits.detach(), group, vocab_start, vocab_size,
-                                          direction, float(tau), float(eta), exclude_ids, chunk_size)
+                                          direction, float(tau), float(eta), exclude_ids, chunk_size,
+                                          logits.requires_grad and torch.is_grad_enabled())
