@@ -40,8 +40,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel kill this worker when its parent dies, so that a killed run (Ctrl-C, SIGTERM from
+    a scheduler, SIGKILL) leaves no rank behind burning cores or GPU memory."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's finally still reaps its workers on normal exits
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, fn: Callable, args: tuple,
-           results) -> None:
+           results, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS=str(threads))
@@ -86,7 +101,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port, threads = _free_port(), max(1, (os.cpu_count() or 1) // world_size)
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, cpu_only, fn, args, results))
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, cpu_only, fn, args, results,
+                                               os.getpid()))
              for r in range(world_size)]
     for p in procs:
         p.start()
