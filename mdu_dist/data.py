@@ -47,6 +47,10 @@ class DataConfig:
     idk: str = "idontknow.jsonl"  # DPO's preferred answers, one per line (a file in tofu_dir or a path)
     max_length: int = 128  # tokens of prompt + response; longer responses are truncated, longer prompts refused
     limit: int = 0  # use only the first N rows of each source (0 = all): small CPU runs
+    # Fine-tuning only: the padding after each response counts as response (masked and predicted like any answer
+    # token), as in LLaDA's SFT, so the model learns to fill the rest of a generation canvas with EOS. Unlearning
+    # never does this: MDU's anchor and the baselines' ELBOs cover the answer tokens only.
+    pad_in_response: bool = False
 
     def validate(self, where: str = "data") -> None:
         if self.max_length < 2:
@@ -175,12 +179,13 @@ class Pairs:
         return self.input_ids.shape[0]
 
 
-def collate(encoded: list[tuple[list[int], int]], pad_id: int, length: int) -> Pairs:
+def collate(encoded: list[tuple[list[int], int]], pad_id: int, length: int, pad_in_response: bool = False
+            ) -> Pairs:
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     response = torch.zeros((len(encoded), length), dtype=torch.bool)
     for row, (tokens, prompt_len) in enumerate(encoded):
         ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        response[row, prompt_len: len(tokens)] = True
+        response[row, prompt_len: length if pad_in_response else len(tokens)] = True
     return Pairs(ids, response)
 
 
@@ -191,11 +196,12 @@ def longest(parts: dict[str, list[Encoded]]) -> int:
     return max(len(tokens) for rows in parts.values() for tokens, _ in rows)
 
 
-def collate_parts(parts: dict[str, list[Encoded]], pad_id: int, length: int | None = None) -> dict[str, Pairs]:
+def collate_parts(parts: dict[str, list[Encoded]], pad_id: int, length: int | None = None,
+                  pad_in_response: bool = False) -> dict[str, Pairs]:
     """Pad every part to one length (default: the longest row), since the policy and reference rows of a
     micro-batch travel through the pipeline as one tensor."""
     length = length or longest(parts)
-    return {name: collate(rows, pad_id, length) for name, rows in parts.items()}
+    return {name: collate(rows, pad_id, length, pad_in_response) for name, rows in parts.items()}
 
 
 class SFTData:

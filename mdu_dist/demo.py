@@ -9,8 +9,8 @@
    twin on retain + general rows with the same recipe and tokenizer ("retain-only", the forget-quality reference).
 3. Unlearn the forget set from the fine-tuned checkpoint with MDU (one run per tau in ``taus``) and the baselines
    in ``methods`` (GA, GradDiff, NPO by default), same steps and learning rate.
-4. Evaluate every model (``mdu-dist eval``'s code) on the first ``eval_rows`` rows of each split; forget quality
-   against the retain-only twin.
+4. Evaluate every model (``mdu-dist eval``'s code) on the first ``eval_rows`` forget and retain rows and on the
+   ``general_rows`` real_authors / world_facts rows it was taught; forget quality against the retain-only twin.
 5. ``results.json``, ``results.md`` (the table), ``loss_curves.png`` (forget/retain loss per unlearning run, from
    the TensorBoard events), ``forget_vs_utility.png`` (per method and tau); TensorBoard logs under each run.
 
@@ -42,32 +42,34 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     tofu_dir: str = "../shared/data/tofu"
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
-    retain_rows: int = 40  # first N rows of retain90: the retain set
-    general_rows: int = 10  # first N rows of real_authors and of world_facts, taught in both fine-tunes
-    eval_rows: int = 20  # rows evaluated per split (forget, retain, real_authors, world_facts)
+    retain_rows: int = 20  # first N rows of retain90: the retain set
+    general_rows: int = 8  # first N rows of real_authors and of world_facts: taught in both fine-tunes, evaluated
+    eval_rows: int = 20  # forget / retain rows evaluated (at most forget_rows and retain_rows)
     batch_size: int = 8  # rows per optimizer step (fine-tune and unlearn)
-    finetune_epochs: int = 60
-    finetune_lr: float = 3e-3
+    finetune_epochs: int = 500
+    finetune_lr: float = 1e-3
     unlearn_epochs: int = 10
     unlearn_lr: float = 5e-4
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
     taus: list[float] = field(default_factory=lambda: [0.5])  # one MDU run per tau
     num_samples: int = 8  # ELBO samples per answer (128 in the real benchmark)
-    gen_length: int = 32
-    steps: int = 16
-    block_length: int = 32
+    gen_length: int = 64
+    steps: int = 32
+    block_length: int = 64
     seed: int = 0
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
     def validate(self, where: str = "demo") -> None:
         from mdu_dist.methods import METHODS
 
-        for name in ("forget_rows", "retain_rows", "eval_rows", "batch_size", "finetune_epochs", "unlearn_epochs",
-                     "num_samples", "gen_length", "steps", "block_length"):
+        for name in ("forget_rows", "retain_rows", "general_rows", "eval_rows", "batch_size", "finetune_epochs",
+                     "unlearn_epochs", "num_samples", "gen_length", "steps", "block_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        if self.general_rows < 0:
-            raise ConfigError(f"{where}.general_rows={self.general_rows} must be >= 0")
+        for name in ("forget_rows", "retain_rows"):  # evaluated rows must be rows the model was taught
+            if self.eval_rows > getattr(self, name):
+                raise ConfigError(f"{where}.eval_rows={self.eval_rows} is more than {name}={getattr(self, name)}: "
+                                  "the evaluation would score rows the model never saw")
         bad = [m for m in self.methods if m not in METHODS or m == "mdu"]
         if bad:
             raise ConfigError(f"{where}.methods: {bad[0]!r} is not a baseline (known: "
@@ -116,6 +118,9 @@ def _qa(rows: list[dict]) -> list[dict]:
 
 
 def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
+    """The demo's training sets, and the real_authors / world_facts evaluation rows cut to the ones taught
+    (the tiny model knows nothing else; forget and retain are evaluated on their first ``eval_rows`` rows, all
+    of them taught as long as eval_rows <= forget_rows, retain_rows)."""
     root.mkdir(parents=True, exist_ok=True)
     forget = _qa(_read(d.tofu_dir, "forget10")[: d.forget_rows])
     retain = _qa(_read(d.tofu_dir, "retain90")[: d.retain_rows])
@@ -123,6 +128,8 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
                + _qa(_read(d.tofu_dir, "world_facts")[: d.general_rows]))
     files = {"forget": forget, "retain": retain, "finetune_full": forget + retain + general,
              "finetune_retain_only": retain + general}
+    for split in ("real_authors", "world_facts"):  # with their perturbed answers, for the truth ratio
+        files[f"eval_{split}"] = _read(d.tofu_dir, f"{split}_perturbed")[: d.general_rows]
     paths = {}
     for name, rows in files.items():
         paths[name] = root / f"{name}.json"
@@ -207,7 +214,8 @@ def run_pipeline(d: DemoConfig) -> dict:
         retain_eval = out / "eval" / "retain-only" / "eval.json"
         for name in ["retain-only", *[n for n in runs if n != "retain-only"]]:
             _say(f"evaluating {name}")
-            extra = [f"eval.checkpoint={runs[name]['checkpoint']}", f"eval.output_dir={out / 'eval' / _slug(name)}"]
+            extra = [f"eval.checkpoint={runs[name]['checkpoint']}", f"eval.output_dir={out / 'eval' / _slug(name)}",
+                     f"eval.real_authors={data['eval_real_authors']}", f"eval.world_facts={data['eval_world_facts']}"]
             if name != "retain-only":
                 extra.append(f"eval.retain_model_eval={retain_eval}")
             metrics, seconds = _eval(d.job_config(name, str(out), extra))

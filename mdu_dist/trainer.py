@@ -207,8 +207,8 @@ class Trainer:
         parts = [self.data.parts(c, epoch) for c in chunks]
         # One length for the whole step: the pipeline moves fixed-shape activations.
         length = max(longest(p) for p in parts)
-        pad = self.cfg.model.pad_token_id
-        return [prepare(self.objective, collate_parts(p, pad, length),
+        pad, pad_in_response = self.cfg.model.pad_token_id, self.job == "finetune" and self.cfg.data.pad_in_response
+        return [prepare(self.objective, collate_parts(p, pad, length, pad_in_response),
                         step_generator(self.cfg.train.seed, step, i, self.dp_rank)) for i, p in enumerate(parts)]
 
     def train_step(self, step: int) -> dict[str, float]:

@@ -50,6 +50,11 @@ def test_collate_right_pads_and_marks_response_only():
     assert pairs.input_ids.tolist() == [[9, 9, 5, 6, 7, 2], [9, 5, 6, 2, 2, 2]]
     assert pairs.response_mask.tolist() == [[False, False, True, True, True, False],
                                             [False, True, True, False, False, False]]
+    # LLaDA's SFT: the EOS padding after the answer is response too (the prompt never is).
+    pairs = collate([([9, 9, 5, 6, 7], 2), ([9, 5, 6], 1)], pad_id=2, length=6, pad_in_response=True)
+    assert pairs.input_ids.tolist() == [[9, 9, 5, 6, 7, 2], [9, 5, 6, 2, 2, 2]]
+    assert pairs.response_mask.tolist() == [[False, False, True, True, True, True],
+                                            [False, True, True, True, True, True]]
 
 
 def test_long_prompt_refused_long_answer_truncated(tokenizer):
