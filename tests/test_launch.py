@@ -8,6 +8,7 @@ these tests run anywhere; tests/test_launch_slurm.py runs the same commands agai
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -181,3 +182,22 @@ def test_local_executor_runs_a_two_process_job(tmp_path):
     scalars = _scalars(out_dir)
     assert UNLEARN_TAGS <= set(scalars) and [s for s, _ in scalars["unlearn/forget-loss"]] == [1, 2]
     assert len(list((out_dir / "submitit").glob("*_log.out"))) == 2  # two ranks
+
+
+def test_local_executor_runs_an_eval_job(tmp_path):
+    run, out_dir = tmp_path / "finetune", tmp_path / "eval"
+    _cli("finetune", "--config", "configs/llada_tiny.yaml", *TINY, "data.finetune=forget10",
+         "train.max_steps=1", f"train.output_dir={run}")
+    fast = ["eval.limit=2", "eval.num_samples=2", "eval.gen_length=8", "eval.steps=4", "eval.block_length=8",
+            "eval.splits=[forget]", "eval.progress=false"]
+    proc = _cli("launch", "--job", "eval", "--config", "configs/llada_tiny.yaml", "--executor", "local", *TINY,
+                *fast, f"eval.checkpoint={run / 'checkpoints' / 'step-1' / 'model'}", f"eval.output_dir={out_dir}")
+    assert re.search(r"^job \d+ finished: .*forget_Q_A_Prob=", proc.stdout, re.M), proc.stdout
+    metrics = json.loads((out_dir / "eval.json").read_text())["metrics"]
+    assert 0.0 < metrics["forget_Q_A_Prob"] < 1.0
+
+
+def test_an_eval_job_is_refused_with_data_parallel_ranks(tmp_path, capsys):
+    code, _, err = _launch(capsys, "--job", "eval", "--executor", "local", "--tasks-per-node", "2", *TINY,
+                           f"eval.checkpoint={tmp_path}", f"eval.output_dir={tmp_path / 'eval'}")
+    assert code == 2 and "eval job runs on parallel.tensor=1 ranks" in err, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-JOBS = ("finetune", "unlearn")
+JOBS = ("finetune", "unlearn", "eval")
 # --flag -> launch.key: the common settings get flags; every other one is a launch.key=value override.
 FLAGS = {"executor": "executor", "nodes": "nodes", "gpus_per_node": "gpus_per_node",
          "tasks_per_node": "tasks_per_node", "cpus_per_task": "cpus_per_task", "timeout_min": "timeout_min",
@@ -18,24 +18,37 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *flags]  # flags last: they win over key=value
 
 
+def _output_key(job: str) -> str:
+    return "eval.output_dir" if job == "eval" else "train.output_dir"
+
+
+def _output_dir(cfg, job: str) -> str:
+    return cfg.eval.output_dir if job == "eval" else cfg.train.output_dir
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     import submitit
 
-    from mdu_dist.config import load_config, to_dict
+    from mdu_dist.config import ConfigError, load_config, to_dict
+    from mdu_dist.eval.run import check_inputs
     from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, sweep_output_dir
     from mdu_dist.launch.task import TrainTask
     from mdu_dist.trainer import read_sources
 
     base = _overrides(args)
     first = load_config(args.config, base)
+    plan = plan_for(first)  # the launch section is not swept: one plan and one executor serve all points
+    if args.job == "eval" and plan.world_size != first.parallel.tensor:
+        raise ConfigError(f"launch: an eval job runs on parallel.tensor={first.parallel.tensor} ranks (no data "
+                          f"parallelism), but nodes x tasks_per_node = {plan.world_size}: set them to match")
     points = parse_sweep(args.sweep)
     configs = []
     for point in points:
-        out = [f"train.output_dir={sweep_output_dir(first.train.output_dir, point)}"] if point else []
+        out = [f"{_output_key(args.job)}={sweep_output_dir(_output_dir(first, args.job), point)}"] if point else []
         cfg = load_config(args.config, [*base, *point, *out])
-        read_sources(cfg, args.job)  # bad data fails here, not in a queued job hours later
+        # Bad data or a missing checkpoint fails here, not in a queued job hours later.
+        check_inputs(cfg) if args.job == "eval" else read_sources(cfg, args.job)
         configs.append(cfg)
-    plan = plan_for(first)  # the launch section is not swept: one plan and one executor serve all points
     executor = build_executor(first, plan)
     tasks = [TrainTask(to_dict(cfg), args.job) for cfg in configs]
     if len(tasks) == 1:
@@ -49,10 +62,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for job, point, cfg in zip(jobs, points, configs, strict=True):
         label = f" [{' '.join(point)}]" if point else ""
         print(f"job {job.job_id}{label}: log {job.paths.stdout} (errors {job.paths.stderr}); "
-              f"output {Path(cfg.train.output_dir).absolute()}")
-    # A sweep's runs sit side by side under the base output dir; TensorBoard finds each run's events there.
-    logdir = Path(first.train.output_dir).absolute()
-    print(f"TensorBoard: tensorboard --logdir {logdir if len(configs) > 1 else logdir / 'tensorboard'}", flush=True)
+              f"output {Path(_output_dir(cfg, args.job)).absolute()}", flush=True)
+    if args.job != "eval":
+        # A sweep's runs sit side by side under the base output dir; TensorBoard finds each run's events there.
+        logdir = Path(first.train.output_dir).absolute()
+        print(f"TensorBoard: tensorboard --logdir {logdir if len(configs) > 1 else logdir / 'tensorboard'}",
+              flush=True)
 
     # The local executor's processes belong to this command: stay until they finish.
     if args.wait or first.launch.executor == "local":
@@ -70,7 +85,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="submit a finetune/unlearn job through submitit (Slurm or local processes)")
+    p = sub.add_parser("launch", help="submit a finetune/unlearn/eval job through submitit (Slurm or local "
+                                      "processes)")
     p.add_argument("--config", help="YAML config (its launch section sets the defaults of the flags below)")
     p.add_argument("--job", choices=JOBS, default="unlearn", help="what to run (default unlearn)")
     p.add_argument("--executor", choices=("local", "slurm"), help="local processes or sbatch")
@@ -83,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--sweep", action="append", default=[], metavar="key.sub=v1,v2,...",
                    help="one job per value (a Slurm job array); repeat for a grid; each writes to "
-                        "train.output_dir/<key>=<value>")
+                        "train.output_dir/<key>=<value> (eval.output_dir/... for eval jobs)")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the final metrics "
                                                        "(always with the local executor)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (launch.* too)")

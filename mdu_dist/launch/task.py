@@ -44,7 +44,7 @@ def _requeued() -> bool:
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """One ``finetune``/``unlearn`` run; each of the job's tasks calls it once as one rank."""
+    """One ``finetune``/``unlearn``/``eval`` run; each of the job's tasks calls it once as one rank."""
 
     def __init__(self, config: dict[str, Any], job: str) -> None:
         self.config = config
@@ -63,10 +63,14 @@ class TrainTask(submitit.helpers.Checkpointable):
         if not torch.cuda.is_available():
             # CPU ranks share the node's cores: one rank per task, cpus_per_task threads each.
             torch.set_num_threads(cfg.launch.cpus_per_task)
+        if self.job == "eval":
+            from mdu_dist.eval.run import run_eval
+
+            return {k: v for k, v in run_eval(cfg).items() if v is not None}
         return run_job(cfg, self.job)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Preemption or time limit (called on global rank 0 only): requeue the same run, resuming from the
-        trainer's latest complete checkpoint; at most the steps since it are lost."""
+        trainer's latest complete checkpoint; at most the steps since it are lost (an eval job starts over)."""
         train = {**self.config["train"], "resume": "auto"}
         return submitit.helpers.DelayedSubmission(TrainTask({**self.config, "train": train}, self.job))
