@@ -22,7 +22,7 @@ a heads, s sequence length, t TP size. The reference (anchor) pass runs under no
 transient working set, one layer's worth, is alive on top of the policy's stored activations. Under the 1F1B
 schedule stage r holds PP - r micro-batches in flight. Logits exist only at masked response positions
 (N = masked fraction x tokens per pass): each pass's bf16 [N, V/t] logits, the policy passes' logit
-gradients, and the divergence kernel's fp32 chunk buffers (6 x 1024 x V/t).
+gradients, and the divergence kernel's fp32 chunk buffers (6 x chunk x V/t, chunk = 64 MiB of fp32 rows).
 
 Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
 fragmentation; leave a margin of several GB below --gpu-mem.
@@ -39,12 +39,12 @@ import torch
 
 from mdu_dist.config import Config, ModelConfig, load_config
 from mdu_dist.errors import ConfigError
+from mdu_dist.losses.divergence import chunk_rows
 
 GIB = 2**30
 BF16, FP32 = 2, 4
 ADAM_BYTES = 12  # fp32 master + two fp32 moments per parameter
-LOSS_CHUNK = 1024  # vocab_parallel_divergence's default chunk of rows
-LOSS_CHUNK_BUFFERS = 6  # its float32 working set in chunk x V_local buffers (bounded in tests/test_divergence.py)
+LOSS_CHUNK_BUFFERS = 6  # the divergence kernel's float32 working set in chunk x V_local buffers (tests/test_divergence.py)
 MAX_TP = 8  # a TP group stays inside one node
 
 
@@ -99,7 +99,7 @@ def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
     n = int(w.masked_fraction * w.micro_batch_size * w.seq_len)
     stored = (w.policy_passes + w.reference_passes) * n * v_local * BF16
     grads = w.policy_passes * n * v_local * BF16
-    return stored + grads + LOSS_CHUNK_BUFFERS * min(LOSS_CHUNK, n) * v_local * FP32
+    return stored + grads + LOSS_CHUNK_BUFFERS * min(chunk_rows(v_local), n) * v_local * FP32
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
