@@ -49,7 +49,7 @@ class DemoConfig:
     finetune_epochs: int = 500
     finetune_lr: float = 1e-3
     unlearn_epochs: int = 10
-    unlearn_lr: float = 5e-4
+    unlearn_lr: float = 1e-3
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
     taus: list[float] = field(default_factory=lambda: [0.5])  # one MDU run per tau
     num_samples: int = 8  # ELBO samples per answer (128 in the real benchmark)
