@@ -315,23 +315,26 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for name, run in result["runs"].items():
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = "oDs^v<>Ph"
+    for i, (name, run) in enumerate(result["runs"].items()):
         m = run.get("metrics", {})
         u = m.get("model_utility")
         if u is None:
             continue
-        marker = "*" if run["method"] in ("finetuned", "retain-only") else "o"
+        # Runs often coincide (several methods at ROUGE 0, utility 0): a legend, not labels on the points.
+        style = dict(marker="*" if run["method"] in ("finetuned", "retain-only") else markers[i % len(markers)],
+                     s=120, alpha=0.8, color=f"C{i % 10}", label=name)
         for ax, key in ((axes[0], "forget_Q_A_ROUGE"), (axes[1], "forget_quality")):
             if m.get(key) is not None:
-                ax.scatter(m[key], u, marker=marker, s=80)
-                ax.annotate(name, (m[key], u), fontsize=8, xytext=(4, 4), textcoords="offset points")
+                ax.scatter(m[key], u, **style)
     axes[0].set_xlabel("forget ROUGE-L recall (lower = more forgotten)")
     axes[1].set_xlabel("forget quality (KS p-value vs retain-only twin; higher = better)")
     axes[1].set_xscale("log")
     for ax in axes:
         ax.set_ylabel("model utility")
         ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle("forgetting vs utility per method and tau")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
