@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from mdu_dist.demo import load_demo_config
+from mdu_dist.errors import ConfigError
+
 MODELS = ["finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo"]
 
 
@@ -43,3 +48,15 @@ def test_quick_demo_end_to_end(tmp_path):
     forget = {r["question"] for r in data["forget"]}
     assert forget <= {r["question"] for r in data["finetune_full"]}
     assert not forget & {r["question"] for r in data["finetune_retain_only"]}
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("eval_rows=30", "demo.eval_rows=30 is more than forget_rows=20"),
+    ("general_rows=0", "demo.general_rows=0 must be >= 1"),
+    ("methods=[mdu]", "'mdu' is not a baseline"),
+    ("batch_size=32", "forget_rows=20 is fewer than batch_size=32"),
+])
+def test_bad_demo_settings_are_named(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_demo_config(None, [override])
+    assert needle in str(e.value)
