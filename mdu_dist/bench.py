@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from mdu_dist.config import Config, load_config
-from mdu_dist.losses.divergence import vocab_parallel_divergence
+from mdu_dist.losses.divergence import chunk_rows, vocab_parallel_divergence
 
 LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
 # A small LLaDA-shaped model: big enough that the transformer, not Python overhead, dominates a CPU step.
@@ -128,7 +128,7 @@ def bench_kl(rows: list[int], vocabs: list[int], chunks: list[int], tau: float, 
     for vocab in vocabs:
         for n in rows:
             naive = measure_kl(lambda z, a: naive_kl(z, a, tau), n, vocab, warmup, repeats)
-            for chunk in chunks:
+            for chunk in (c or chunk_rows(vocab) for c in chunks):
                 par = measure_kl(lambda z, a, c=chunk: parallel_kl(z, a, tau, c), n, vocab, warmup, repeats)
                 out.append({"vocab": vocab, "rows": n, "chunk": chunk, "naive_s": naive["seconds"],
                             "parallel_s": par["seconds"], "naive_peak_bytes": naive["peak_bytes"],
@@ -312,8 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--kl-rows", type=int, nargs="+", default=[256, 1024], help="masked positions")
     p.add_argument("--kl-vocab", type=int, nargs="+", default=[LLADA_VOCAB, DREAM_VOCAB])
-    p.add_argument("--kl-chunks", type=int, nargs="+", default=[1024, 128],
-                   help="kernel chunk sizes (the kernel's own default is byte-sized: chunk_rows(V))")
+    p.add_argument("--kl-chunks", type=int, nargs="+", default=[0, 1024],
+                   help="kernel chunk sizes in rows; 0 = the kernel's own byte-sized default, chunk_rows(V)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes for the throughput table")
     p.add_argument("--output-dir", default="", help="where the trainers keep their tokenizer (default: a temp dir)")
     p.add_argument("--json", help="write the results here")

@@ -22,7 +22,7 @@ a heads, s sequence length, t TP size. The reference (anchor) pass runs under no
 transient working set, one layer's worth, is alive on top of the policy's stored activations. Under the 1F1B
 schedule stage r holds PP - r micro-batches in flight. Logits exist only at masked response positions
 (N = masked fraction x tokens per pass): each pass's bf16 [N, V/t] logits, the policy passes' logit
-gradients, and the divergence kernel's fp32 chunk buffers (6 x chunk x V/t, chunk = 64 MiB of fp32 rows).
+gradients, and the divergence kernel's fp32 chunk buffers (3 x chunk x V/t, chunk = 32 MiB of fp32 rows).
 
 Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
 fragmentation; leave a margin of several GB below --gpu-mem.
@@ -44,7 +44,7 @@ from mdu_dist.losses.divergence import chunk_rows
 GIB = 2**30
 BF16, FP32 = 2, 4
 ADAM_BYTES = 12  # fp32 master + two fp32 moments per parameter
-LOSS_CHUNK_BUFFERS = 6  # the divergence kernel's float32 working set in chunk x V_local buffers (tests/test_divergence.py)
+LOSS_CHUNK_BUFFERS = 3  # the forward-KL kernel's float32 working set in chunk x V_local buffers (tests/test_divergence.py)
 MAX_TP = 8  # a TP group stays inside one node
 
 

@@ -54,8 +54,8 @@ def test_activation_formula_by_hand():
     layers = 32 * 2048 * per_token  # two policy passes of 1024 tokens, all 32 layers (PP=1)
     anchor = 1024 * per_token  # one layer's transient of the no-grad pass
     n, v_local = 512, 63232
-    chunk = 265  # rows of 63232 fp32 values in 64 MiB: 2**26 // (4 * 63232)
-    logits = 3 * n * v_local * 2 + 2 * n * v_local * 2 + 6 * chunk * v_local * 4
+    chunk = 132  # rows of 63232 fp32 values in 32 MiB: 2**25 // (4 * 63232)
+    logits = 3 * n * v_local * 2 + 2 * n * v_local * 2 + 3 * chunk * v_local * 4
     assert activation_bytes(LLADA_8B, 2, 1, 0, w) == layers + anchor + logits
 
 

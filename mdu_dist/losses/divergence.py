@@ -14,7 +14,8 @@ import torch.distributed as dist
 DIRECTIONS = ("forward", "reverse", "js")
 
 
-CHUNK_BYTES = 64 * 2**20
+# 32 MiB of float32 per buffer: 66 rows at LLaDA's vocabulary (TP=1), enough to keep a GPU's memory bus busy.
+CHUNK_BYTES = 32 * 2**20
 
 
 def chunk_rows(v_local: int) -> int:
@@ -63,12 +64,6 @@ def _raw_logits(logits: torch.Tensor, anchor: torch.Tensor, excluded: torch.Tens
     return z, a
 
 
-def _weighted_log_ratio(w: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor,
-                        excluded: torch.Tensor) -> torch.Tensor:
-    """Per row, sum over valid columns of w (log_a - log_b); excluded columns are -inf - -inf and dropped."""
-    return (log_a - log_b).masked_fill_(excluded, 0.0).mul_(w).sum(-1)
-
-
 def _log_mixture(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     # logaddexp stays finite where both p and q underflow, so 0 * (log p - log m) never becomes 0 * inf.
     return torch.logaddexp(logp, logq).sub_(math.log(2.0))
@@ -76,29 +71,36 @@ def _log_mixture(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 def _chunk(z: torch.Tensor, a: torch.Tensor, excluded: torch.Tensor, direction: str,
            group: dist.ProcessGroup | None, grad: torch.Tensor | None) -> torch.Tensor:
-    """The divergence of a chunk of rows from its raw logits z, a (overwritten); writes dD/dz into ``grad``
-    unless it is None. A function of its own so that the chunk's buffers die with it, not with the next chunk."""
+    """The divergence of a chunk of rows from its raw logits z, a (overwritten in place); writes dD/dz into
+    ``grad`` unless it is None. At most three [n, V_local] float buffers are alive at once (four for reverse, five
+    for js), and the function's own frame lets them die before the next chunk's are made."""
     peak = all_reduce_(torch.stack((z.amax(-1), a.amax(-1))), dist.ReduceOp.MAX, group)
-    sums = torch.stack([torch.exp(x - m[:, None]).sum(-1) for x, m in zip((z, a), peak)])
-    log_sums = all_reduce_(sums, dist.ReduceOp.SUM, group).log_()
-    for x, m, log_sum in zip((z, a), peak, log_sums):  # in place: z, a -> log p, log q
-        x.sub_(m[:, None]).sub_(log_sum[:, None])
-    # w: the distribution whose expectation the first KL takes; kept to form the gradient from.
-    if direction == "reverse":
-        w = a.exp()
-        part = _weighted_log_ratio(w, a, z, excluded)[None]
-    else:
+    z.sub_(peak[0, :, None])
+    a.sub_(peak[1, :, None])
+    log_sums = all_reduce_(torch.stack([x.exp().sum(-1) for x in (z, a)]), dist.ReduceOp.SUM, group).log_()
+    z.sub_(log_sums[0, :, None])  # log p (-inf on excluded columns)
+    a.sub_(log_sums[1, :, None])  # log q
+    # Each direction turns one buffer into w * (log ratio) in place, w being the distribution the first KL is an
+    # expectation over; its row sums are the KL, and w * (log ratio - KL) is the forward and js gradient (up to
+    # 1/2). Excluded columns: the log ratio is set to 0 there (it is -inf - -inf), and w is 0.
+    if direction == "forward":  # KL(p||q) = sum p (log p - log q); dD/dz = p (log p - log q - KL)
         w = z.exp()
-        logm = _log_mixture(z, a) if direction == "js" else a
-        part = _weighted_log_ratio(w, z, logm, excluded)[None]
-        if direction == "js":
-            part = torch.cat((part, _weighted_log_ratio(a.exp(), a, logm, excluded)[None]))
+        weighted = z.masked_fill_(excluded, 0.0).sub_(a.masked_fill_(excluded, 0.0)).mul_(w)
+        part = weighted.sum(-1)[None]
+    elif direction == "reverse":  # KL(q||p) = sum q (log q - log p); dD/dz = p - q
+        w = a.exp()
+        part = a.masked_fill_(excluded, 0.0).sub_(z.masked_fill(excluded, 0.0)).mul_(w).sum(-1)[None]
+    else:  # js: 1/2 KL(p||m) + 1/2 KL(q||m); dD/dz = 1/2 p (log p - log m - KL(p||m))
+        logm = _log_mixture(z, a)
+        w, q = z.exp(), a.exp()
+        weighted = z.sub_(logm).masked_fill_(excluded, 0.0).mul_(w)
+        part = torch.stack((weighted.sum(-1), a.sub_(logm).masked_fill_(excluded, 0.0).mul_(q).sum(-1)))
     part = all_reduce_(part, dist.ReduceOp.SUM, group)
     if grad is not None:
         if direction == "reverse":
-            grad.copy_(z.exp_().sub_(w))
-        else:  # forward: p (log p - log q - KL(p||q)); js: 1/2 p (log p - log m - KL(p||m))
-            g = z.sub_(logm).sub_(part[0, :, None]).masked_fill_(excluded, 0.0).mul_(w)
+            grad.copy_(z.exp_().sub_(w))  # z still holds log p (-inf on excluded columns: p = 0 there)
+        else:
+            g = weighted.addcmul_(w, part[0, :, None], value=-1.0)
             grad.copy_(g.mul_(0.5) if direction == "js" else g)
     return part[0] if direction != "js" else 0.5 * (part[0] + part[1])
 
@@ -156,8 +158,9 @@ def vocab_parallel_divergence(logits: torch.Tensor, anchor_logits: torch.Tensor,
 
     Communication per chunk of rows: one MAX and one SUM all-reduce of the [2, rows] max / exp-sum of both
     distributions, one SUM all-reduce of the partial divergence ([2, rows] for js); the backward needs none.
-    Memory: rows are processed ``chunk_size`` at a time (default ``chunk_rows(V_local)``: 64 MiB of float32 per
-    buffer, 132 rows at LLaDA's vocabulary), so the float32 working set is a few chunk_size x V_local buffers.
+    Memory: rows are processed ``chunk_size`` at a time (default ``chunk_rows(V_local)``: 32 MiB of float32 per
+    buffer, 66 rows at LLaDA's vocabulary), so the float32 working set is three chunk_size x V_local buffers
+    (four for reverse, five for js).
     When ``logits`` requires a gradient the forward also writes it, chunk by chunk, into one [N, V_local] buffer
     of the logits' dtype, which is the only thing kept for the backward (it scales the buffer in place by the
     incoming per-row gradient and returns it): no recomputation, and the inputs' logits can be freed after the
