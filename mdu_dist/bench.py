@@ -98,9 +98,16 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def kl_inputs(rows: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_inputs(rows: int, vocab: int, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, vocab, generator=g) * 3, torch.randn(rows, vocab, generator=g) * 3
+    logits, anchor = torch.randn(rows, vocab, generator=g) * 3, torch.randn(rows, vocab, generator=g) * 3
+    return logits.to(device), anchor.to(device)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a host clock measures it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _forward_backward(fn: Callable, logits: torch.Tensor, anchor: torch.Tensor) -> None:
@@ -110,11 +117,13 @@ def _forward_backward(fn: Callable, logits: torch.Tensor, anchor: torch.Tensor) 
 
 def measure_kl(fn: Callable, rows: int, vocab: int, warmup: int, repeats: int) -> dict[str, float]:
     """Median seconds of forward + backward, and peak live bytes of one such call."""
-    logits, anchor = kl_inputs(rows, vocab)
+    logits, anchor = kl_inputs(rows, vocab, device="cuda" if torch.cuda.is_available() else "cpu")
     times = []
     for i in range(warmup + repeats):
+        _sync()
         start = time.perf_counter()
         _forward_backward(fn, logits, anchor)
+        _sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     with LiveBytes() as mode:
@@ -176,6 +185,37 @@ def _trainer(cfg: Config, job: str, overrides: dict[str, object]):
     return FixedBatchTrainer(dataclasses.replace(cfg, method=method), job)
 
 
+def forward_flops(m, tokens: int, seq_len: int, head_rows: int) -> int:
+    """Matmul FLOPs of one forward pass over ``tokens`` tokens in sequences of ``seq_len`` (bidirectional: every
+    token attends to all ``seq_len``), the output layer run at ``head_rows`` positions only, as the trainer does:
+
+        per token and layer  2 (2 h^2 + 2 h kv + 3 h f)  (q, o; k, v; gate, up, down)  +  4 s h  (QK^T, AV)
+        output layer         2 h V per row where it runs
+    """
+    h, f, v = m.hidden_size, m.ffn_hidden_size, m.vocab_size
+    kv = m.num_query_groups * m.head_dim
+    per_token_layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * f) + 4 * seq_len * h
+    return tokens * m.num_layers * per_token_layer + head_rows * 2 * h * v
+
+
+def step_flops(m, mb) -> int:
+    """Model FLOPs of one training step on micro-batch ``mb``: forward + backward (3 forwards) of the policy
+    rows, one forward of the reference rows (MDU's anchor, NPO's theta_0), each at its own logit positions."""
+    seq_len = mb.ids.shape[1]
+    policy = mb.positions[: mb.n_policy]
+    reference = mb.positions[mb.n_policy:]
+    return (3 * forward_flops(m, policy.numel(), seq_len, int(policy.sum()))
+            + forward_flops(m, reference.numel(), seq_len, int(reference.sum())))
+
+
+# Dense bf16 tensor-core peaks (FLOP/s), by the name torch reports; MFU = model FLOP/s / peak.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
+
+
 def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
                 ) -> dict:
     """One rank: build the trainers ``kinds`` need, then time their steps, interleaved."""
@@ -196,23 +236,28 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
                 "mdu_forget": ("unlearn", {"name": "mdu", "alpha": 0.0}, {"forget": forget}, b),
                 "sft_2x": ("finetune", {}, {"train": both}, 2 * b),
                 "mdu": ("unlearn", {"name": "mdu", "alpha": 1.0}, {"forget": forget, "retain": retain}, 2 * b)}
-        trainers, tokens = {}, {}
+        trainers, tokens, flops = {}, {}, {}
         for kind in kinds:
             job, overrides, parts, rows = spec[kind]
             trainers[kind] = _trainer(cfg, job, overrides)
             # The same generator seed: SFT's and MDU's forget rows get the same t and the same masks.
-            trainers[kind].fixed = [prepare(trainers[kind].objective, parts, torch.Generator().manual_seed(0))]
+            mb = prepare(trainers[kind].objective, parts, torch.Generator().manual_seed(0))
+            trainers[kind].fixed = [mb]
             tokens[kind] = rows * seq_len
+            flops[kind] = step_flops(cfg.model, mb)
         times: dict[str, list[float]] = {k: [] for k in kinds}
         for i in range(warmup + repeats):
             for kind in kinds:
+                _sync()
                 start = time.perf_counter()
                 trainers[kind].train_step(i)
+                _sync()
                 if i >= warmup:
                     times[kind].append(time.perf_counter() - start)
         medians = {k: statistics.median(v) for k, v in times.items()}
         return {k: {"seconds": medians[k], "tokens": tokens[k], "tokens_per_s": tokens[k] / medians[k],
-                    "all_seconds": v} for k, v in times.items()}
+                    "model_flops": flops[k], "tflops_per_s": flops[k] / medians[k] / 1e12, "all_seconds": v}
+                for k, v in times.items()}
     finally:
         distributed.shutdown()
 
@@ -247,11 +292,17 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def _mfu(tflops_per_s: float, peak: float | None) -> str:
+    return f"{tflops_per_s * 1e12 / peak:.1%}" if peak else "n/a (no known peak)"
+
+
 def format_report(result: dict) -> str:
     s = result["steps"]
+    peak = peak_flops(result["machine"]["cuda"])
     lines = ["(a) one training step, same rows/length/masks (median s)",
-             "| step | policy tokens | s/step | tokens/s |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['tokens']} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |" for k, v in s.items()]
+             "| step | policy tokens | s/step | tokens/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['tokens']} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} | {v['tflops_per_s']:.3g} | "
+              f"{_mfu(v['tflops_per_s'], peak)} |" for k, v in s.items()]
     for name, r in result["ratios"].items():
         lines.append(f"{name}: {r['paired']:.3f} (median of paired ratios; ratio of medians {r['medians']:.3f}, "
                      f"of minima {r['minima']:.3f})")

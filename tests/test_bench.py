@@ -70,3 +70,22 @@ def test_bench_runs_tiny(tmp_path):
     assert set(result["steps"]) == {"sft", "mdu_forget", "sft_2x", "mdu"}
     assert set(result["throughput"]) == {"1", "2"} and len(result["ratios"]) == 2
     assert "MDU(alpha=0) / SFT" in proc.stdout and "| TP | s/step | tokens/s |" in proc.stdout
+
+
+def test_model_flops_by_hand():
+    from types import SimpleNamespace
+
+    from mdu_dist.bench import forward_flops, peak_flops, step_flops
+    from mdu_dist.config import load_config
+
+    m = load_config("configs/llada_tiny.yaml").model  # h 128, f 352, 4 layers, kv = 4 x 32 = 128, V 1000
+    # Per token and layer: 2 (2 h^2 + 2 h kv + 3 h f) + 4 s h = 2 (32768 + 32768 + 135168) + 4 * 5 * 128.
+    per_token_layer = 401408 + 2560
+    assert forward_flops(m, tokens=10, seq_len=5, head_rows=3) == 10 * 4 * per_token_layer + 3 * 2 * 128 * 1000
+    # A step: 2 policy rows (fwd + bwd: 3 forwards) and 1 reference row (1 forward), each with its own positions.
+    positions = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    mb = SimpleNamespace(ids=torch.zeros(3, 5, dtype=torch.long), positions=positions, n_policy=2)
+    policy = 10 * 4 * per_token_layer + 3 * 2 * 128 * 1000
+    reference = 5 * 4 * per_token_layer + 3 * 2 * 128 * 1000
+    assert step_flops(m, mb) == 3 * policy + reference
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("cpu") is None and peak_flops(None) is None
