@@ -151,8 +151,9 @@ def bench_kl(rows: list[int], vocabs: list[int], chunks: list[int], tau: float, 
 
 def _less_grad(kernel: int, naive: int, grad: int) -> float:
     """Peak ratio without the [N, V] float32 gradient both must return: the kernel holds it from the start of
-    its forward (it forms the gradient there), so its peak less the gradient is exact; for the naive version it may undercount (its peak can
-    come before the gradient exists), which only makes the ratio less flattering to the kernel."""
+    its forward (it forms the gradient there), so its peak less the gradient is exact; for the naive version it
+    may undercount (its peak can come before the gradient exists), which only makes the ratio less flattering
+    to the kernel."""
     return (kernel - grad) / max(naive - grad, 1)
 
 

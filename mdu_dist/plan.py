@@ -44,7 +44,8 @@ from mdu_dist.losses.divergence import chunk_rows
 GIB = 2**30
 BF16, FP32 = 2, 4
 ADAM_BYTES = 12  # fp32 master + two fp32 moments per parameter
-LOSS_CHUNK_BUFFERS = 3  # the forward-KL kernel's float32 working set in chunk x V_local buffers (tests/test_divergence.py)
+# The forward-KL kernel's float32 working set, in chunk x V_local buffers (bounded in tests/test_divergence.py).
+LOSS_CHUNK_BUFFERS = 3
 MAX_TP = 8  # a TP group stays inside one node
 
 

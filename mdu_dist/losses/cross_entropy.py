@@ -55,7 +55,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     softmax(z) - onehot(target), formed in the forward per chunk of ``chunk_size`` rows into one [N, V_local]
     buffer of the logits' dtype (when ``logits`` requires a gradient), which the backward scales in place (so
     the backward runs once per forward). Communication per chunk: one MAX all-reduce, one SUM all-reduce of
-    [exp-sum; target logit]. Result in float32 (float64 for float64 logits); ``N`` must be equal on all ranks of ``group``.
+    [exp-sum; target logit]. Result in float32 (float64 for float64 logits); ``N`` must be equal on all ranks
+    of ``group``.
     """
     chunk_size = chunk_rows(logits.shape[-1]) if chunk_size is None else chunk_size
     if chunk_size < 1:
