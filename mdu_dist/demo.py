@@ -51,7 +51,7 @@ class DemoConfig:
     unlearn_epochs: int = 10
     unlearn_lr: float = 1e-3
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
-    taus: list[float] = field(default_factory=lambda: [0.5])  # one MDU run per tau
+    taus: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # one MDU run per tau
     num_samples: int = 8  # ELBO samples per answer (128 in the real benchmark)
     gen_length: int = 64
     steps: int = 32
