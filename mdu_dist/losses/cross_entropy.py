@@ -12,6 +12,22 @@ from mdu_dist.losses.divergence import all_reduce_, chunk_rows, excluded_columns
 WEIGHTINGS = ("inverse_t", "none", "geometric")
 
 
+def _chunk(z: torch.Tensor, local: torch.Tensor, owned: torch.Tensor, group: dist.ProcessGroup | None,
+           grad: torch.Tensor | None) -> torch.Tensor:
+    """NLL of a chunk of rows from its logits z (a float copy, excluded columns at -inf, overwritten); writes
+    softmax - onehot into ``grad`` unless it is None. A function of its own so that the chunk's buffer dies with
+    it, before the next chunk's is made."""
+    peak = all_reduce_(z.amax(-1), dist.ReduceOp.MAX, group)
+    z.sub_(peak[:, None])
+    picked = z.gather(1, local[:, None]).squeeze(1).masked_fill_(~owned, 0.0)
+    sums = all_reduce_(torch.stack((z.exp_().sum(-1), picked)), dist.ReduceOp.SUM, group)
+    if grad is not None:
+        z.div_(sums[0, :, None])
+        z[torch.arange(z.shape[0], device=z.device), local] -= owned.to(z.dtype)
+        grad.copy_(z)
+    return sums[0].log() - sums[1]
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, vocab_size, chunk_size, with_grad):
@@ -27,16 +43,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if with_grad else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            z = logits[s:e].to(dtype, copy=True).masked_fill_(excluded, -math.inf)
-            peak = all_reduce_(z.amax(-1), dist.ReduceOp.MAX, group)
-            z.sub_(peak[:, None])
-            picked = z.gather(1, local[s:e, None]).squeeze(1).masked_fill_(~owned[s:e], 0.0)
-            sums = all_reduce_(torch.stack((z.exp_().sum(-1), picked)), dist.ReduceOp.SUM, group)
-            nll[s:e] = sums[0].log() - sums[1]
-            if grad is not None:
-                z.div_(sums[0, :, None])
-                z[torch.arange(e - s, device=z.device), local[s:e]] -= owned[s:e].to(dtype)
-                grad[s:e] = z
+            nll[s:e] = _chunk(logits[s:e].to(dtype, copy=True).masked_fill_(excluded, -math.inf), local[s:e],
+                              owned[s:e], group, None if grad is None else grad[s:e])
         ctx.save_for_backward(grad)
         ctx.consumed = False
         return nll
