@@ -274,7 +274,7 @@ def paired_ratio(a: dict, b: dict) -> dict[str, float]:
 
 def run_steps(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
               ) -> dict:
-    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.launch.local import run_ranks
 
     world = cfg.parallel.tensor * cfg.parallel.pipeline
     return run_ranks(step_worker, world, cfg, kinds, seq_len, warmup, repeats, threads)[0]

@@ -70,7 +70,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it, else on
     ``--nproc`` local processes (default TP x PP)."""
-    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.launch.local import run_ranks
     from mdu_dist.trainer import read_sources, run_job
 
     cfg = load_config(args.config, args.overrides)

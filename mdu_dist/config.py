@@ -15,14 +15,15 @@ from typing import Any
 
 import yaml
 
-# Each run section is defined next to the code it configures; Config composes them.
+# A run section is defined next to the code it configures when that module imports nothing that imports this
+# one (data, methods, optim, launch.config, eval.config); the trainer's section is here, as the trainer sits
+# above the models and checkpoints that import ModelConfig. Config composes them.
 from mdu_dist.data import DataConfig
 from mdu_dist.errors import ConfigError
-from mdu_dist.eval.run import EvalConfig
+from mdu_dist.eval.config import EvalConfig
 from mdu_dist.launch.config import LaunchConfig
 from mdu_dist.methods import MethodConfig
 from mdu_dist.optim import OptimConfig, check_pipeline
-from mdu_dist.trainer import TrainConfig
 
 
 @dataclass
@@ -93,6 +94,30 @@ class ParallelConfig:
             raise ConfigError(f"{where}: tensor={self.tensor} and pipeline={self.pipeline} must be >= 1")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"{where}.backend={self.backend!r} must be one of auto, nccl, gloo")
+
+
+@dataclass
+class TrainConfig:
+    """The run itself. Sizes are per data-parallel replica."""
+
+    init: str = ""  # HF checkpoint directory to start from; "" = random init (tiny models only)
+    tokenizer: str = ""  # tokenizer directory; "" = the init directory's, else one trained on the data
+    output_dir: str = "runs/mdu"
+    epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (0 = run the epochs)
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    resume: str = "none"  # none | auto (latest complete checkpoint in output_dir/checkpoints)
+    seed: int = 0
+
+    def validate(self, where: str = "train") -> None:
+        for name in ("epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps < 0 or self.save_every < 0:
+            raise ConfigError(f"{where}: max_steps and save_every must be >= 0")
+        if self.resume not in ("none", "auto"):
+            raise ConfigError(f"{where}.resume={self.resume!r} must be none or auto")
 
 
 @dataclass

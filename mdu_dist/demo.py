@@ -172,7 +172,7 @@ def _say(text: str) -> None:
 def run_pipeline(d: DemoConfig) -> dict:
     """One rank: fine-tune, twin, unlearn runs, evaluations; returns the results (also written to disk)."""
     from mdu_dist import distributed
-    from mdu_dist.trainer import latest_checkpoint
+    from mdu_dist.checkpoint.steps import latest_checkpoint
 
     out = Path(d.output_dir)
     t0 = time.perf_counter()
@@ -351,7 +351,7 @@ def write_outputs(result: dict, out: Path) -> None:
 
 
 def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) -> int:
-    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.launch.local import run_ranks
 
     d = load_demo_config(path, overrides, quick)
     start = time.perf_counter()

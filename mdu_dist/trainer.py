@@ -11,37 +11,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from mdu_dist.errors import ConfigError
-
-
-@dataclass
-class TrainConfig:
-    """The run itself. Sizes are per data-parallel replica."""
-
-    init: str = ""  # HF checkpoint directory to start from; "" = random init (tiny models only)
-    tokenizer: str = ""  # tokenizer directory; "" = the init directory's, else one trained on the data
-    output_dir: str = "runs/mdu"
-    epochs: int = 1
-    max_steps: int = 0  # stop after this many optimizer steps (0 = run the epochs)
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    resume: str = "none"  # none | auto (latest complete checkpoint in output_dir/checkpoints)
-    seed: int = 0
-
-    def validate(self, where: str = "train") -> None:
-        for name in ("epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        if self.max_steps < 0 or self.save_every < 0:
-            raise ConfigError(f"{where}: max_steps and save_every must be >= 0")
-        if self.resume not in ("none", "auto"):
-            raise ConfigError(f"{where}.resume={self.resume!r} must be none or auto")
 
 
 def step_generator(seed: int, step: int, microbatch: int, dp_rank: int) -> torch.Generator:
@@ -94,12 +69,6 @@ def read_sources(cfg, job: str) -> dict:
     if cfg.method.name == "dpo":
         pairs["idk"] = load_lines(d.idk_path())
     return pairs
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``step-N`` with its ``trainer_state.json``)."""
-    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 class Trainer:
@@ -255,7 +224,9 @@ class Trainer:
 
     @property
     def checkpoint_root(self) -> Path:
-        return self.out / "checkpoints"
+        from mdu_dist.checkpoint.steps import checkpoints_dir
+
+        return checkpoints_dir(self.out)
 
     def save(self, step: int) -> Path:
         """Collective. ``step-N`` appears (rank 0 renames it into place) only once the model, the DeepSpeed
@@ -264,9 +235,9 @@ class Trainer:
         import shutil
 
         from mdu_dist.checkpoint.dist import save_model_checkpoint
+        from mdu_dist.checkpoint.steps import TRAINER_STATE, partial_dir, step_dir
 
-        final = self.checkpoint_root / f"step-{step}"
-        tmp = self.checkpoint_root / f".step-{step}.partial"
+        final, tmp = step_dir(self.checkpoint_root, step), partial_dir(self.checkpoint_root, step)
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -276,9 +247,8 @@ class Trainer:
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
         barrier()
         if dist.get_rank() == 0:
-            write_json_atomic(tmp / "trainer_state.json", {"step": step, "job": self.job,
-                                                           "total_steps": self.total_steps,
-                                                           "seed": self.cfg.train.seed})
+            write_json_atomic(tmp / TRAINER_STATE, {"step": step, "job": self.job, "total_steps": self.total_steps,
+                                                    "seed": self.cfg.train.seed})
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -288,8 +258,9 @@ class Trainer:
     def resume(self, path: Path) -> int:
         """Collective: restore weights, optimizer, scheduler and the step counter from checkpoint ``path``."""
         from mdu_dist.checkpoint.dist import load_model_checkpoint
+        from mdu_dist.checkpoint.steps import TRAINER_STATE
 
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / TRAINER_STATE).read_text())
         if state["job"] != self.job:
             raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
         load_model_checkpoint(self.policy, path / "model")
@@ -300,6 +271,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict[str, float]:
+        from mdu_dist.checkpoint.steps import latest_checkpoint
         from mdu_dist.monitor import Monitor, check_finite
 
         t = self.cfg.train

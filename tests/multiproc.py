@@ -8,7 +8,7 @@ does its own ``torch.distributed`` set-up (usually ``mdu_dist.distributed.init``
 
 from __future__ import annotations
 
-from mdu_dist.checkpoint.launch import run_ranks
+from mdu_dist.launch.local import run_ranks
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):

@@ -167,7 +167,7 @@ def _rank1_fails_while_rank0_waits() -> None:
 
 def test_a_failing_rank_stops_the_others():
     from mdu_dist.checkpoint.errors import CheckpointError
-    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.launch.local import run_ranks
 
     with pytest.raises(CheckpointError, match="rank 1: cannot read shard X"):
         run_ranks(_rank1_fails_while_rank0_waits, 2, timeout=120)

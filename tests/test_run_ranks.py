@@ -16,7 +16,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_run_ranks import record_and_sleep
-from mdu_dist.checkpoint.launch import run_ranks
+from mdu_dist.launch.local import run_ranks
 run_ranks(record_and_sleep, 2, {out!r})
 """
 

@@ -1,8 +1,9 @@
 """The checkpoint tools: HF -> dist, dist -> HF, reshard, inspect.
 
-hf-to-dist and reshard run one process per rank of the target TP x PP layout (``launch.run_ranks``); each
-rank builds its pipeline stage, fills it (from its own row/column slices of the HF files, or through
-dist_checkpointing's resharding load) and the ranks save together with ``save_model_checkpoint``.
+hf-to-dist and reshard run one process per rank of the target TP x PP layout
+(``mdu_dist.launch.local.run_ranks``); each rank builds its pipeline stage, fills it (from its own row/column
+slices of the HF files, or through dist_checkpointing's resharding load) and the ranks save together with
+``save_model_checkpoint``.
 dist-to-hf and inspect run in one process and stream a layer at a time. Inputs are validated completely in the
 calling process before any worker starts or any output exists; outputs appear all at once or not at all.
 
@@ -28,8 +29,9 @@ from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, _bar,
                                       save_model_checkpoint, stored_tensors)
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import CONFIG_FILE, HFCheckpointReader, open_hf_checkpoint, write_hf_checkpoint
-from mdu_dist.checkpoint.launch import run_ranks
+from mdu_dist.checkpoint.steps import TRAINER_STATE
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
+from mdu_dist.launch.local import run_ranks
 from mdu_dist.models.dense import count_parameters
 from mdu_dist.models.mcore_layout import rank_tensor
 
@@ -164,9 +166,6 @@ def hf_to_dist(hf_dir: str | Path, out: str | Path, arch: str, tp: int, pp: int,
     finally:
         _cleanup_partial(out.absolute())
     return out
-
-
-TRAINER_STATE = "trainer_state.json"
 
 
 def model_checkpoint_dir(path: str | Path) -> tuple[Path, list[str]]:

@@ -2,4 +2,5 @@
 
 ``likelihood``: LLaDA's Monte-Carlo ELBO of an answer (vocab-parallel). ``sampler``: low-confidence remasking
 generation (vocab-parallel). ``metrics``: open-unlearning's TOFU metrics from per-token NLLs and generations.
+``config``: the ``eval`` section of a run config. ``run``: ``mdu-dist eval``.
 """

@@ -23,55 +23,14 @@ import json
 import math
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from mdu_dist.errors import ConfigError
 
-SPLITS = ("forget", "retain", "real_authors", "world_facts")
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
-
-
-@dataclass
-class EvalConfig:
-    """``mdu-dist eval``: what to evaluate and how hard."""
-
-    checkpoint: str = ""  # an mdu-dist checkpoint (…/step-N/model), a run dir (its latest step), or an HF dir
-    tokenizer: str = ""  # "" = the checkpoint's hf_files/ (or the HF dir itself)
-    splits: list[str] = field(default_factory=lambda: list(SPLITS))  # any of forget, retain, real_authors, world_facts
-    forget: str = "forget10_perturbed"  # sources (TOFU split name or JSON/JSONL file) with the perturbed fields
-    retain: str = "retain_perturbed"
-    real_authors: str = "real_authors_perturbed"
-    world_facts: str = "world_facts_perturbed"
-    limit: int = 0  # first N rows of each split (0 = all); small numbers for CPU runs
-    num_samples: int = 128  # ELBO Monte-Carlo samples per answer (128 for the real benchmark)
-    batch_size: int = 32  # ELBO samples per forward
-    gen_length: int = 128  # generated tokens for ROUGE
-    steps: int = 128  # sampler steps (over the whole generation)
-    block_length: int = 32  # semi-autoregressive block length
-    gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
-    retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
-    output_dir: str = "runs/eval"
-    seed: int = 0
-    progress: bool = True  # tqdm bars
-
-    def validate(self, where: str = "eval") -> None:
-        bad = [s for s in self.splits if s not in SPLITS]
-        if bad or not self.splits:
-            raise ConfigError(f"{where}.splits={self.splits}: each must be one of {', '.join(SPLITS)}")
-        for name in ("num_samples", "batch_size", "gen_length", "steps", "block_length", "gen_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
-        if self.limit < 0:
-            raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
-        if self.gen_length % self.block_length:
-            raise ConfigError(f"{where}.gen_length={self.gen_length} is not a multiple of "
-                              f"block_length={self.block_length}")
-        if self.steps % (self.gen_length // self.block_length):
-            raise ConfigError(f"{where}.steps={self.steps} is not a multiple of the number of blocks "
-                              f"({self.gen_length // self.block_length})")
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -116,14 +75,14 @@ def resolve_checkpoint(path: str) -> tuple[Path, str]:
     """(directory, kind): kind is "dist" (mdu-dist checkpoint) or "hf". A run directory means its latest step."""
     from mdu_dist.checkpoint.dist import MANIFEST
     from mdu_dist.checkpoint.errors import CheckpointError
-    from mdu_dist.trainer import latest_checkpoint
+    from mdu_dist.checkpoint.steps import checkpoints_dir, latest_checkpoint
 
     if not path:
         raise ConfigError("eval.checkpoint is not set (a …/checkpoints/step-N/model directory, a run dir or an HF dir)")
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: checkpoint directory not found")
-    for root in (p, p / "checkpoints"):
+    for root in (p, checkpoints_dir(p)):
         latest = latest_checkpoint(root)
         if latest is not None:
             p = latest / "model"
@@ -385,7 +344,7 @@ def run_eval(cfg) -> dict:
 
 def main_eval(cfg) -> dict:
     """``mdu-dist eval`` from a parent process: validated inputs, then TP local ranks (or this launcher rank)."""
-    from mdu_dist.checkpoint.launch import run_ranks
+    from mdu_dist.launch.local import run_ranks
 
     check_inputs(cfg)
     return run_ranks(run_eval, cfg.parallel.tensor, cfg)[0]

@@ -1,5 +1,7 @@
-"""Run a conversion on TP x PP ranks: in this process when a launcher (torchrun, srun) already started that
-many, else as local CPU processes joined by gloo.
+"""The local launcher: run a function on N ranks, in this process when a launcher (torchrun, srun) already
+started that many, else as local processes joined by gloo. The CLI (finetune / unlearn / eval without a
+launcher), the checkpoint conversions, the demo, the benchmark and the tests use it; it imports only the error
+types, so every layer may.
 
 With ``cpu_only`` the local workers see no GPU (``CUDA_VISIBLE_DEVICES=""``; the checkpoint conversions use
 it: they move bytes and need no accelerator); otherwise rank r sees every GPU and picks ``LOCAL_RANK`` r (as
@@ -18,8 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mdu_dist.checkpoint.errors import CheckpointError
-from mdu_dist.config import ConfigError
 from mdu_dist.data import DataError
+from mdu_dist.errors import ConfigError
 
 _LAUNCHED = ("RANK", "WORLD_SIZE")
 _ONE_LINE_ERRORS = (CheckpointError, ConfigError, DataError)

@@ -1,0 +1,51 @@
+"""The ``eval`` section of a run config (``EvalConfig``), apart from the evaluation code so that
+mdu_dist.config can compose it without importing what evaluation imports (checkpoints, models, the trainer's
+callers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mdu_dist.errors import ConfigError
+
+SPLITS = ("forget", "retain", "real_authors", "world_facts")
+
+
+@dataclass
+class EvalConfig:
+    """``mdu-dist eval``: what to evaluate and how hard."""
+
+    checkpoint: str = ""  # an mdu-dist checkpoint (…/step-N/model), a run dir (its latest step), or an HF dir
+    tokenizer: str = ""  # "" = the checkpoint's hf_files/ (or the HF dir itself)
+    splits: list[str] = field(default_factory=lambda: list(SPLITS))  # any of forget, retain, real_authors, world_facts
+    forget: str = "forget10_perturbed"  # sources (TOFU split name or JSON/JSONL file) with the perturbed fields
+    retain: str = "retain_perturbed"
+    real_authors: str = "real_authors_perturbed"
+    world_facts: str = "world_facts_perturbed"
+    limit: int = 0  # first N rows of each split (0 = all); small numbers for CPU runs
+    num_samples: int = 128  # ELBO Monte-Carlo samples per answer (128 for the real benchmark)
+    batch_size: int = 32  # ELBO samples per forward
+    gen_length: int = 128  # generated tokens for ROUGE
+    steps: int = 128  # sampler steps (over the whole generation)
+    block_length: int = 32  # semi-autoregressive block length
+    gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
+    retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    progress: bool = True  # tqdm bars
+
+    def validate(self, where: str = "eval") -> None:
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits:
+            raise ConfigError(f"{where}.splits={self.splits}: each must be one of {', '.join(SPLITS)}")
+        for name in ("num_samples", "batch_size", "gen_length", "steps", "block_length", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        if self.limit < 0:
+            raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+        if self.gen_length % self.block_length:
+            raise ConfigError(f"{where}.gen_length={self.gen_length} is not a multiple of "
+                              f"block_length={self.block_length}")
+        if self.steps % (self.gen_length // self.block_length):
+            raise ConfigError(f"{where}.steps={self.steps} is not a multiple of the number of blocks "
+                              f"({self.gen_length // self.block_length})")
