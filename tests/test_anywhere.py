@@ -1,5 +1,5 @@
 """The installed package runs from any directory: the CLI started in a temporary directory outside the
-repository (no configs/, no ../shared above it; nothing copied) fine-tunes on a TOFU split given by name, from
+repository (no configs/, no shared/data/tofu above it; nothing copied) fine-tunes on a TOFU split given by name, from
 the copy of TOFU inside the package, and ``mdu-dist inspect`` reads the checkpoint back. (``mdu-dist demo
 --quick`` from a temporary directory: tests/test_demo.py.)"""
 
