@@ -29,7 +29,8 @@ def test_bundled_files_match_manifest_sha256():
     assert sorted(files) == sorted(manifest)  # every file listed, nothing listed missing
     assert "LICENSE.locuslab-tofu.MIT" in files and b"MIT License" in files["LICENSE.locuslab-tofu.MIT"]
     for name, data in files.items():
-        assert (hashlib.sha256(data).hexdigest(), len(data)) == (manifest[name]["sha256"], manifest[name]["bytes"]), name
+        want = manifest[name]
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (want["sha256"], want["bytes"]), name
 
 
 def test_tofu_splits_match_manifest():
