@@ -70,12 +70,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it, else on
     ``--nproc`` local processes (default TP x PP)."""
+    from mdu_dist.inputs import check_job
     from mdu_dist.launch.local import run_ranks
-    from mdu_dist.trainer import read_sources, run_job
+    from mdu_dist.trainer import run_job
 
     cfg = load_config(args.config, args.overrides)
-    read_sources(cfg, args.command)  # fail on bad data here, before any process starts
     nproc = args.nproc or cfg.parallel.tensor * cfg.parallel.pipeline
+    check_job(cfg, args.command, nproc)  # every input, before any process starts or anything is written
     results = run_ranks(run_job, nproc, cfg, args.command)
     final = results[-1]
     print(f"{args.command} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))

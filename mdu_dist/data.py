@@ -1,4 +1,12 @@
-"""Question/answer data: TOFU splits or a user's JSON/JSONL, the backbone's chat template, right padding.
+"""Question/answer data: TOFU splits, a user's JSON/JSONL or Hugging Face dataset, the backbone's chat template,
+right padding.
+
+A source is one of: a TOFU split name (``forget10``; looked up in ``data.tofu_dir``, by default the copy of TOFU
+that ships inside the package, ``mdu_dist/resources/tofu``: MIT licence, from locuslab/TOFU, with a MANIFEST of
+every file's sha256); a ``.json`` / ``.jsonl`` file; a directory written by ``datasets``' ``save_to_disk``; or
+``hf:NAME[:CONFIG][:SPLIT]``, a Hugging Face dataset read from the local ``datasets`` cache only (offline: nothing
+is ever downloaded at run time). Rows are mappings with a question and an answer column (``data.question_key``,
+``data.answer_key``).
 
 Each pair becomes chat messages [user: question, assistant: answer]. The prompt is the template of the user turn
 with the generation prompt; the response is everything after it (the end-of-turn token included). Sequences
@@ -12,6 +20,7 @@ next to the checkpoint, with the same shape of chat template (user/assistant tur
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +40,28 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+# The TOFU benchmark bundled as package data: the default of ``data.tofu_dir`` wherever the job runs.
+BUNDLED_TOFU = Path(__file__).resolve().parent / "resources" / "tofu"
+HF_PREFIX = "hf:"
+
+
 class DataError(ValueError):
     """Data that cannot be used; the message names the file, row and field."""
 
 
+def tofu_path(tofu_dir: str | Path) -> Path:
+    """``""``: the bundled TOFU; any other directory as given (a relative one is relative to the working
+    directory, as every path a user passes)."""
+    return Path(tofu_dir) if str(tofu_dir) else BUNDLED_TOFU
+
+
 @dataclass
 class DataConfig:
-    """Where the pairs come from. A source is a TOFU split name (looked up in ``tofu_dir``) or a JSON/JSONL
-    file of {"question", "answer"} rows."""
+    """Where the pairs come from. A source is a TOFU split name (looked up in ``tofu_dir``), a JSON/JSONL file,
+    a ``save_to_disk`` directory or ``hf:NAME[:CONFIG][:SPLIT]`` (the module docstring); rows hold
+    ``question_key`` and ``answer_key``."""
 
-    tofu_dir: str = "../shared/data/tofu"  # relative to the working directory
+    tofu_dir: str = ""  # "" = the TOFU bundled with the package; else a directory (relative: to the working dir)
     finetune: str = "full"  # what ``mdu-dist finetune`` teaches
     forget: str = "forget10"
     retain: str = "retain90"
@@ -51,8 +72,13 @@ class DataConfig:
     # token), as in LLaDA's SFT, so the model learns to fill the rest of a generation canvas with EOS. Unlearning
     # never does this: MDU's anchor and the baselines' ELBOs cover the answer tokens only.
     pad_in_response: bool = False
+    question_key: str = "question"  # the column / field holding the question, in every source of the run
+    answer_key: str = "answer"  # ... and the answer (eval sources keep TOFU's perturbed-answer field names)
 
     def validate(self, where: str = "data") -> None:
+        for name in ("question_key", "answer_key"):
+            if not getattr(self, name):
+                raise ConfigError(f"{where}.{name} must not be empty")
         if self.max_length < 2:
             raise ConfigError(f"{where}.max_length={self.max_length} must be >= 2")
         if self.limit < 0:
@@ -60,7 +86,7 @@ class DataConfig:
 
     def idk_path(self) -> Path:
         path = Path(self.idk)
-        return path if path.exists() else Path(self.tofu_dir) / self.idk
+        return path if path.exists() else tofu_path(self.tofu_dir) / self.idk
 
 
 @dataclass(frozen=True)
@@ -74,13 +100,89 @@ def resolve_source(source: str, tofu_dir: str | Path) -> Path:
     path = Path(source)
     if path.suffix in (".json", ".jsonl") and path.exists():
         return path
-    split = Path(tofu_dir) / f"{source}.json"
+    tofu = tofu_path(tofu_dir)
+    split = tofu / f"{source}.json"
     if split.exists():
         return split
-    known = (sorted(p.stem for p in Path(tofu_dir).glob("*.json") if p.stem != "MANIFEST")
-             if Path(tofu_dir).is_dir() else [])
-    raise DataError(f"data source {source!r}: neither a .json/.jsonl file nor a TOFU split in {tofu_dir}"
-                    + (f" (splits: {', '.join(known)})" if known else ""))
+    known = sorted(p.stem for p in tofu.glob("*.json") if p.stem != "MANIFEST") if tofu.is_dir() else []
+    raise DataError(f"data source {source!r}: neither a .json/.jsonl file nor a TOFU split in {tofu}"
+                    + (f" (splits: {', '.join(known)})" if known else "")
+                    + f"; nor a save_to_disk directory or {HF_PREFIX}NAME[:CONFIG][:SPLIT]")
+
+
+def read_rows(source: str, tofu_dir: str | Path) -> tuple[str, list]:
+    """(where the rows came from, for messages; the rows) of any source."""
+    if source.startswith(HF_PREFIX):
+        return source, _hf_rows(source)
+    path = Path(source)
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return str(path), _disk_rows(path)
+    path = resolve_source(source, tofu_dir)
+    return str(path), _rows(path)
+
+
+def _offline_datasets():
+    """The ``datasets`` library in offline mode: a source is read from the local cache, never downloaded (the
+    variables act on a first import; the flag, on a library some other code imported earlier)."""
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    import datasets
+
+    datasets.config.HF_HUB_OFFLINE = True
+    return datasets
+
+
+def _quiet(datasets, load):
+    """``load()`` without the library's info lines (they would break the CLI's one-line errors)."""
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity_error()
+    try:
+        return load()
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+
+
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _hf_rows(source: str) -> list:
+    """``hf:NAME`` (default config, train split), ``hf:NAME:PART`` (config PART's train split, as TOFU's
+    ``hf:locuslab/TOFU:forget10``; else split PART of the default config), ``hf:NAME:CONFIG:SPLIT``."""
+    parts = source[len(HF_PREFIX):].split(":")
+    if not 1 <= len(parts) <= 3 or not all(parts):
+        raise DataError(f"data source {source!r}: expected {HF_PREFIX}NAME, {HF_PREFIX}NAME:CONFIG_OR_SPLIT or "
+                        f"{HF_PREFIX}NAME:CONFIG:SPLIT")
+    datasets = _offline_datasets()
+    name, rest = parts[0], parts[1:]
+    attempts = ([(None, "train")] if not rest else [(rest[0], "train"), (None, rest[0])] if len(rest) == 1
+                else [tuple(rest)])
+    failure = None
+    for config, split in attempts:
+        try:
+            return _quiet(datasets, lambda: datasets.load_dataset(name, config, split=split).to_list())
+        except (ValueError, OSError) as e:  # OSError: ConnectionError (not cached), FileNotFoundError
+            failure = failure or e
+    cache = datasets.config.HF_DATASETS_CACHE
+    if isinstance(failure, ConnectionError):
+        raise DataError(f"data source {source!r}: {name} is not in the local datasets cache ({cache}); mdu-dist "
+                        f"reads Hugging Face datasets offline only: load it once where there is network "
+                        f"(datasets.load_dataset), or give a save_to_disk directory") from None
+    raise DataError(f"data source {source!r}: cannot be read from the local datasets cache ({cache}): "
+                    f"{_one_line(failure)}") from None
+
+
+def _disk_rows(path: Path) -> list:
+    datasets = _offline_datasets()
+    try:
+        ds = _quiet(datasets, lambda: datasets.load_from_disk(str(path)))
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable save_to_disk directory: {_one_line(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"{path}: a DatasetDict with splits {', '.join(ds)}; give one split's directory "
+                            f"({path}/<split>)")
+        (ds,) = ds.values()
+    return ds.to_list()
 
 
 def _rows(path: Path) -> list:
@@ -100,17 +202,23 @@ def _rows(path: Path) -> list:
     return rows
 
 
-def load_pairs(source: str, tofu_dir: str | Path, limit: int | None = None) -> list[QA]:
-    """Question/answer rows of ``source``; every row must have non-empty string ``question`` and ``answer``."""
-    path = resolve_source(source, tofu_dir)
-    pairs = []
-    for n, row in enumerate(_rows(path), 1):
-        for key in ("question", "answer"):
-            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}: row {n} has no {key!r} (a non-empty string is required)")
-        pairs.append(QA(row["question"], row["answer"]))
+def qa_row(row, n: int, where: str, question_key: str = "question", answer_key: str = "answer") -> QA:
+    """Row ``n`` of ``where`` as a pair; both fields must be non-empty strings."""
+    for key, setting in ((question_key, "question_key"), (answer_key, "answer_key")):
+        if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
+            columns = f"; its fields: {', '.join(map(str, row))}" if isinstance(row, dict) else ""
+            raise DataError(f"{where}: row {n} has no {key!r} (a non-empty string is required; data.{setting} "
+                            f"names the field{columns})")
+    return QA(row[question_key], row[answer_key])
+
+
+def load_pairs(source: str, tofu_dir: str | Path, limit: int | None = None, question_key: str = "question",
+               answer_key: str = "answer") -> list[QA]:
+    """Question/answer rows of ``source``; every row must have a non-empty string question and answer."""
+    where, rows = read_rows(source, tofu_dir)
+    pairs = [qa_row(row, n, where, question_key, answer_key) for n, row in enumerate(rows, 1)]
     if not pairs:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{where}: no rows")
     return pairs[:limit] if limit else pairs
 
 
@@ -123,7 +231,15 @@ def load_lines(path: str | Path) -> list[str]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
-    """Train a byte-level BPE tokenizer of at most ``vocab_size`` ids on ``texts``; save it to ``out_dir``."""
+    """``train_tokenizer``, saved to ``out_dir``."""
+    fast = train_tokenizer(texts, vocab_size)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer of at most ``vocab_size`` ids trained on ``texts`` (in memory; deterministic:
+    the same texts give the same tokenizer in every process)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -136,7 +252,6 @@ def build_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|unk|>", bos_token="<|bos|>",
                                    eos_token="<|eos|>", pad_token="<|eos|>", mask_token="<|mask|>")
     fast.chat_template = TINY_CHAT_TEMPLATE
-    fast.save_pretrained(str(out_dir))
     return fast
 
 

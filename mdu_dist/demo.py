@@ -40,7 +40,7 @@ class DemoConfig:
     """Settings of ``mdu-dist demo`` (configs/demo.yaml)."""
 
     output_dir: str = "runs/demo"
-    tofu_dir: str = "../shared/data/tofu"
+    tofu_dir: str = ""  # "" = the TOFU bundled with the package (mdu_dist.data.BUNDLED_TOFU)
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
     retain_rows: int = 20  # first N rows of retain90: the retain set
     general_rows: int = 8  # first N rows of real_authors and of world_facts: taught in both fine-tunes, evaluated

@@ -38,13 +38,6 @@ def step_indices(n: int, seed: int, step: int, per_step: int, dp_rank: int, dp: 
     return epoch, order[start: start + per_step]
 
 
-def steps_per_epoch(n: int, per_step: int, dp: int) -> int:
-    if n < per_step * dp:
-        raise ConfigError(f"{n} training rows are fewer than one step's {per_step * dp} "
-                          f"(micro_batch_size x gradient_accumulation_steps x DP)")
-    return n // (per_step * dp)
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
@@ -57,19 +50,6 @@ def barrier() -> None:
 
 
 
-def read_sources(cfg, job: str) -> dict:
-    """The question/answer rows a job trains on, validated (a missing split, a row without ``answer`` and an
-    empty file each raise DataError naming the file and row)."""
-    from mdu_dist.data import load_lines, load_pairs
-
-    d, limit = cfg.data, cfg.data.limit or None
-    if job == "finetune":
-        return {"train": load_pairs(d.finetune, d.tofu_dir, limit)}
-    pairs = {"forget": load_pairs(d.forget, d.tofu_dir, limit), "retain": load_pairs(d.retain, d.tofu_dir, limit)}
-    if cfg.method.name == "dpo":
-        pairs["idk"] = load_lines(d.idk_path())
-    return pairs
-
 
 class Trainer:
     """One job (``finetune`` or ``unlearn``) on this rank, inside an initialised process group."""
@@ -77,6 +57,7 @@ class Trainer:
     def __init__(self, cfg, job: str):
         from megatron.core import parallel_state as ps
 
+        from mdu_dist.inputs import prepare, steps_per_epoch
         from mdu_dist.methods import SFT, VocabShard, build_objective
         from mdu_dist.models.mcore import build_stage
         from mdu_dist.optim import build_engine, resolve_dtype
@@ -87,9 +68,8 @@ class Trainer:
         self.writer_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                             and self.dp_rank == 0)
         m = cfg.model
-        pairs = read_sources(cfg, job)  # bad data fails here, before anything is written
-        self.tokenizer_dir = self._tokenizer_dir()
-        self.data = self._encode(pairs)
+        inputs = prepare(cfg, job, self.dp)  # every input checked on this rank before its first write
+        self.data = inputs.data
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
@@ -102,41 +82,24 @@ class Trainer:
         cfg.optim.total_steps = self.total_steps  # the schedule spans exactly this run
         self.engine = build_engine(self.policy, cfg.optim)
         self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
+        self.tokenizer_dir = self._keep_tokenizer(inputs)
         self.step = 0
 
     # ------------------------------------------------------------------------------------------- set-up
 
-    def _tokenizer_dir(self) -> Path:
-        from mdu_dist.data import build_tokenizer, load_pairs
+    def _keep_tokenizer(self, inputs) -> Path:
+        """The tokenizer's directory; one trained on the data (a tiny model from scratch) is saved with the run,
+        by rank 0, in one rename."""
+        from mdu_dist.checkpoint.atomic import atomic_dir
 
-        t = self.cfg.train
-        if t.tokenizer:
-            return Path(t.tokenizer)
-        init = Path(t.init) if t.init else None
-        for candidate in ([init, init / "hf_files", init / "model" / "hf_files"] if init else []):
-            if (candidate / "tokenizer.json").exists():
-                return candidate
-        # A tiny model trained from scratch: a BPE tokenizer trained on the data, saved with the run.
+        if inputs.tokenizer_dir is not None:
+            return inputs.tokenizer_dir
         path = self.out / "tokenizer"
-        if dist.get_rank() == 0 and not (path / "tokenizer.json").exists():
-            d = self.cfg.data
-            texts = [f"{qa.question} {qa.answer}" for qa in load_pairs(d.finetune, d.tofu_dir)]
-            build_tokenizer(texts, self.cfg.model.vocab_size, path)
+        if dist.get_rank() == 0:
+            with atomic_dir(path, overwrite=True) as tmp:
+                inputs.tokenizer.save_pretrained(str(tmp))
         barrier()
         return path
-
-    def _encode(self, pairs: dict):
-        from mdu_dist.data import ForgetRetainData, SFTData, load_tokenizer
-
-        tok = load_tokenizer(self.tokenizer_dir)
-        if len(tok) > self.cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer {self.tokenizer_dir} has {len(tok)} tokens, more than "
-                              f"model.vocab_size={self.cfg.model.vocab_size}")
-        max_length = self.cfg.data.max_length
-        if self.job == "finetune":
-            return SFTData(tok, pairs["train"], max_length)
-        return ForgetRetainData(tok, pairs["forget"], pairs["retain"], max_length, pairs.get("idk"),
-                                seed=self.cfg.train.seed)
 
     def _load_initial_weights(self) -> None:
         """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""

@@ -18,11 +18,15 @@ MODELS = ["finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo"]
 
 
 def test_quick_demo_end_to_end(tmp_path):
+    """Started from an empty temporary directory (``cd $(mktemp -d) && mdu-dist demo --quick``): the demo finds
+    its TOFU rows in the package, not relative to the working directory."""
     out = tmp_path / "demo"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                                 str(Path("build/torch_extensions").absolute()))}
     proc = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", f"output_dir={out}"],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for name in ("results.md", "results.json", "loss_curves.png", "forget_vs_utility.png"):
         assert (out / name).exists(), name

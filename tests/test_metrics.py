@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.stats
 
+from mdu_dist.data import BUNDLED_TOFU
 from mdu_dist.eval.metrics import (MODEL_UTILITY_KEYS, forget_quality, forget_truth_ratio, harmonic_mean,
                                    ks_2samp_pvalue, lcs_length, model_utility, normalised_probabilities,
                                    normalised_probability, probability, rouge_l, rouge_l_recall, rouge_tokens,
                                    truth_ratios, utility_truth_ratio)
 
-TOFU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+TOFU = BUNDLED_TOFU
 LN = math.log
 
 

@@ -44,31 +44,35 @@ class Item:
     wrong: tuple[str, ...]  # perturbed answers
 
 
-def load_items(split: str, source: str, tofu_dir: str, limit: int) -> list[Item]:
-    from mdu_dist.data import DataError, _rows, resolve_source
+def load_items(split: str, source: str, tofu_dir: str, limit: int, question_key: str = "question",
+               answer_key: str = "answer") -> list[Item]:
+    from mdu_dist.data import DataError, qa_row, read_rows
 
-    path = resolve_source(source, tofu_dir)
+    where, rows = read_rows(source, tofu_dir)
     items = []
-    for n, row in enumerate(_rows(path), 1):
+    for n, row in enumerate(rows, 1):
         if limit and len(items) >= limit:
             break
-        for key in ("question", "answer"):
-            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
-                raise DataError(f"{path}: row {n} has no {key!r} (a non-empty string is required)")
+        qa = qa_row(row, n, where, question_key, answer_key)
         wrong = row.get("perturbed_answer")
         if isinstance(wrong, str):
             wrong = [wrong]
         if not wrong or not all(isinstance(w, str) and w.strip() for w in wrong):
-            raise DataError(f"{path}: row {n} has no 'perturbed_answer' (a list of strings, for the truth ratio)")
-        correct = row["answer"]
+            raise DataError(f"{where}: row {n} has no 'perturbed_answer' (a list of strings, for the truth ratio)")
+        correct = qa.answer
         if split in ("forget", "retain"):
             correct = row.get("paraphrased_answer")
             if not isinstance(correct, str) or not correct.strip():
-                raise DataError(f"{path}: row {n} has no 'paraphrased_answer' (needed on the {split} split)")
-        items.append(Item(row["question"], row["answer"], correct, tuple(wrong)))
+                raise DataError(f"{where}: row {n} has no 'paraphrased_answer' (needed on the {split} split)")
+        items.append(Item(qa.question, qa.answer, correct, tuple(wrong)))
     if not items:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{where}: no rows")
     return items
+
+
+def split_items(cfg, split: str) -> list[Item]:
+    d = cfg.data
+    return load_items(split, getattr(cfg.eval, split), d.tofu_dir, cfg.eval.limit, d.question_key, d.answer_key)
 
 
 def resolve_checkpoint(path: str) -> tuple[Path, str]:
@@ -108,15 +112,23 @@ def resolve_tokenizer(cfg, ckpt: Path) -> Path:
 
 
 def check_inputs(cfg) -> None:
-    """Everything that can fail before a process starts: checkpoint, tokenizer, data, PP, retain-model file."""
+    """Everything that can fail before a process starts or anything is written: the output directory, PP, the
+    checkpoint (its architecture and shapes against the model config), the tokenizer (against the vocabulary),
+    the data, the retain-model file."""
+    from mdu_dist.data import load_tokenizer
+    from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
+
+    check_output_dir(cfg.eval.output_dir, "eval.output_dir")
     if cfg.parallel.pipeline != 1:
         raise ConfigError(f"mdu-dist eval runs on tensor-parallel ranks only: parallel.pipeline="
                           f"{cfg.parallel.pipeline} is not supported (set parallel.pipeline=1; any saved "
                           f"layout loads)")
     ckpt, _ = resolve_checkpoint(cfg.eval.checkpoint)
-    resolve_tokenizer(cfg, ckpt)
+    check_checkpoint(ckpt, cfg.model, "eval.checkpoint")
+    tokenizer_dir = resolve_tokenizer(cfg, ckpt)
+    check_tokenizer_fits(load_tokenizer(tokenizer_dir), tokenizer_dir, cfg.model.vocab_size)
     for split in cfg.eval.splits:
-        load_items(split, getattr(cfg.eval, split), cfg.data.tofu_dir, cfg.eval.limit)
+        split_items(cfg, split)
     if cfg.eval.retain_model_eval:
         retain_model_truth_ratios(cfg.eval.retain_model_eval)
 
@@ -147,13 +159,12 @@ class Evaluator:
         from megatron.core import parallel_state as ps
 
         from mdu_dist.data import load_tokenizer
+        from mdu_dist.inputs import check_tokenizer_fits
         from mdu_dist.models.mcore import build_stage
 
         self.cfg, self.e, m = cfg, cfg.eval, cfg.model
         self.tok = load_tokenizer(tokenizer_dir)
-        if len(self.tok) > m.vocab_size:
-            raise ConfigError(f"tokenizer {tokenizer_dir} has {len(self.tok)} tokens, more than "
-                              f"model.vocab_size={m.vocab_size}")
+        check_tokenizer_fits(self.tok, tokenizer_dir, m.vocab_size)
         self.stage = build_stage(m).eval()
         if kind == "dist":
             from mdu_dist.checkpoint.dist import load_model_checkpoint
@@ -275,7 +286,7 @@ def evaluate(cfg) -> dict:
     timing: dict[str, float] = {}
     for split in e.splits:
         start = time.perf_counter()
-        numbers, items[split] = ev.split(split, load_items(split, getattr(e, split), cfg.data.tofu_dir, e.limit))
+        numbers, items[split] = ev.split(split, split_items(cfg, split))
         metrics.update(numbers)
         timing[split] = round(time.perf_counter() - start, 2)
     metrics["forget_quality"] = None

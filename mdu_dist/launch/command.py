@@ -31,9 +31,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     from mdu_dist.config import ConfigError, load_config, to_dict
     from mdu_dist.eval.run import check_inputs
+    from mdu_dist.inputs import check_job
     from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, sweep_output_dir
     from mdu_dist.launch.task import TrainTask
-    from mdu_dist.trainer import read_sources
 
     base = _overrides(args)
     first = load_config(args.config, base)
@@ -47,7 +47,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         out = [f"{_output_key(args.job)}={sweep_output_dir(_output_dir(first, args.job), point)}"] if point else []
         cfg = load_config(args.config, [*base, *point, *out])
         # Bad data or a missing checkpoint fails here, not in a queued job hours later.
-        check_inputs(cfg) if args.job == "eval" else read_sources(cfg, args.job)
+        check_inputs(cfg) if args.job == "eval" else check_job(cfg, args.job, plan.world_size)
         configs.append(cfg)
     executor = build_executor(first, plan)
     tasks = [TrainTask(to_dict(cfg), args.job) for cfg in configs]
