@@ -25,6 +25,9 @@ from mdu_dist.optim import OptimConfig, check_pipeline
 from mdu_dist.trainer import TrainConfig
 
 
+ATTENTIONS = ("sdpa", "local", "te")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a masked-diffusion backbone. ``arch`` selects the weight layout and the logit shift."""
@@ -47,6 +50,10 @@ class ModelConfig:
     # every TP rank holds an equal, aligned vocab slice; padded logits are masked out of every loss.
     make_vocab_size_divisible_by: int = 128
     init_std: float = 0.02
+    # Core attention: sdpa (torch's scaled_dot_product_attention: flash / memory-efficient kernels on CUDA) |
+    # local (megatron-core's unfused DotProductAttention, which keeps the [b, heads, s, s] probabilities) |
+    # te (Transformer Engine's fused attention; only where transformer_engine imports).
+    attention: str = "sdpa"
 
     @property
     def head_dim(self) -> int:
@@ -71,6 +78,8 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"{where}.num_attention_heads={self.num_attention_heads} is not divisible by "
                               f"num_query_groups={self.num_query_groups}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"{where}.attention={self.attention!r} must be one of {', '.join(ATTENTIONS)}")
         if self.head_dim % 2:
             raise ConfigError(f"{where}: head dim {self.head_dim} must be even for RoPE")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):

@@ -1,5 +1,6 @@
 """LLaDA and Dream as megatron-core GPTModels: the local (no Transformer Engine, no apex) layer spec with
-bidirectional attention, RMSNorm, SwiGLU, RoPE and an untied head.
+bidirectional attention (core attention chosen by ``model.attention``, ``models.attention``), RMSNorm, SwiGLU,
+RoPE and an untied head.
 
 A ``DiffusionLM`` is one pipeline stage. The last stage returns this rank's slice of the padded vocabulary
 with the padding columns at -inf, and (Dream) the logits shifted right by one along the sequence.
@@ -52,13 +53,18 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = 
     )
 
 
-def layer_spec():
-    """megatron-core's local GPT layer spec with the causal mask removed: masked diffusion attends both ways."""
+def layer_spec(attention: str = "sdpa"):
+    """megatron-core's local GPT layer spec with the causal mask removed (masked diffusion attends both ways)
+    and its core attention replaced by ``attention`` (``models.attention.core_attention``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
+    from mdu_dist.models.attention import core_attention
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    attn = spec.submodules.self_attention
+    attn.params["attn_mask_type"] = AttnMaskType.no_mask
+    attn.submodules.core_attention = core_attention(attention)
     return spec
 
 
@@ -84,7 +90,7 @@ class DiffusionLM(nn.Module):
         # Named ``module`` so megatron-core's get_attr_wrapped_model finds config, model_type and
         # set_input_tensor on the GPTModel, as it does through DDP wrappers.
         self.module = GPTModel(
-            transformer_config(cfg, tp, pp, dtype), layer_spec(), vocab_size=self.padded_vocab,
+            transformer_config(cfg, tp, pp, dtype), layer_spec(cfg.attention), vocab_size=self.padded_vocab,
             max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
