@@ -33,6 +33,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: str = "none"  # none | auto (latest complete checkpoint in output_dir/checkpoints)
     seed: int = 0
+    # Activation recomputation of the policy (models.mcore.RECOMPUTE): none | selective (core attention) |
+    # full (every layer). The frozen reference runs under no_grad and stores nothing either way.
+    recompute: str = "none"
 
     def validate(self, where: str = "train") -> None:
         for name in ("epochs", "log_every"):
@@ -42,6 +45,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: max_steps and save_every must be >= 0")
         if self.resume not in ("none", "auto"):
             raise ConfigError(f"{where}.resume={self.resume!r} must be none or auto")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"{where}.recompute={self.recompute!r} must be none, selective or full")
 
 
 def step_generator(seed: int, step: int, microbatch: int, dp_rank: int) -> torch.Generator:
@@ -124,7 +129,8 @@ class Trainer:
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
-        self.policy = build_stage(m, dtype)
+        self.policy = build_stage(m, dtype, cfg.train.recompute)
+        # MDU at tau = 0 (uniform target) needs no theta_0: none is built.
         self.reference = build_stage(m, dtype) if self.objective.needs_reference else None
         self._load_initial_weights()
         per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
