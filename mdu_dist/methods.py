@@ -11,6 +11,7 @@ The likelihood of a response under a masked diffusion model is the ELBO estimate
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -262,6 +263,15 @@ class MicroBatch:
     ids: Tensor  # [rows, L]
     positions: Tensor  # [rows, L] bool: where the losses read logits
     n_policy: int
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on ``device`` (the draws are made on the CPU generator)."""
+        def move(x):
+            return dataclasses.replace(x, **{f.name: getattr(x, f.name).to(device) for f in dataclasses.fields(x)
+                                             if isinstance(getattr(x, f.name), Tensor)})
+
+        return MicroBatch({n: move(nz) for n, nz in self.drawn.items()}, [move(p) for p in self.passes],
+                          self.ids.to(device), self.positions.to(device), self.n_policy)
 
 
 def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Generator) -> MicroBatch:

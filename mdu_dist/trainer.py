@@ -113,6 +113,7 @@ class Trainer:
     def __init__(self, cfg, job: str):
         from megatron.core import parallel_state as ps
 
+        from mdu_dist import distributed
         from mdu_dist.methods import SFT, VocabShard, build_objective
         from mdu_dist.models.mcore import build_stage
         from mdu_dist.optim import build_engine, resolve_dtype
@@ -137,7 +138,9 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         cfg.optim.total_steps = self.total_steps  # the schedule spans exactly this run
-        self.engine = build_engine(self.policy, cfg.optim)
+        self.engine = build_engine(self.policy, cfg.optim)  # moves the policy to this rank's device
+        if self.reference is not None:
+            self.reference.to(distributed.device())
         self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
         self.step = 0
 
@@ -203,6 +206,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- step
 
     def _microbatches(self, step: int) -> list:
+        from mdu_dist import distributed
         from mdu_dist.data import collate_parts, longest
         from mdu_dist.methods import prepare
 
@@ -215,7 +219,8 @@ class Trainer:
         length = max(longest(p) for p in parts)
         pad, pad_in_response = self.cfg.model.pad_token_id, self.job == "finetune" and self.cfg.data.pad_in_response
         return [prepare(self.objective, collate_parts(p, pad, length, pad_in_response),
-                        step_generator(self.cfg.train.seed, step, i, self.dp_rank)) for i, p in enumerate(parts)]
+                        step_generator(self.cfg.train.seed, step, i, self.dp_rank)).to(distributed.device())
+                for i, p in enumerate(parts)]
 
     def train_step(self, step: int) -> dict[str, float]:
         from mdu_dist.methods import microbatch_loss

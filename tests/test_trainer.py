@@ -180,6 +180,7 @@ def _three_steps(output_dir: str, runs: dict[str, list[str]]) -> dict:
                          "weight_diff": max((weights[k] - base[k]).abs().max().item() for k in base),
                          "moved": min((weights[k] - initial[k]).abs().max().item() for k in weights),
                          "calls_per_step": {k: v / 3 for k, v in calls.items()},
+                         "device": str(next(trainer.policy.parameters()).device),
                          "reference_built": trainer.reference is not None, "rows": (mb.n_policy, mb.ids.shape[0])}
         return out
     finally:
@@ -212,3 +213,21 @@ def test_mdu_at_tau_zero_builds_no_reference(tmp_path):
     n_policy, rows = got["rows"]
     assert n_policy == rows, "tau = 0 must run no reference (anchor) rows"
     assert all(math.isfinite(x) for pair in got["losses"] for x in pair)
+
+
+@pytest.mark.device
+def test_mdu_trainer_steps_on_the_device(tmp_path):
+    """Three MDU steps on this machine's device (bf16 on CUDA), from question/answer files written here (no TOFU
+    folder needed): finite losses, the policy on the GPU where there is one."""
+    import json
+
+    from multiproc import run_distributed
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"Who is {i}?", "answer": f"{i} is a name."}) + "\n"
+                            for i in range(8)))
+    data = [f"data.{part}={rows}" for part in ("finetune", "forget", "retain")]
+    (runs,) = run_distributed(_three_steps, 1, str(tmp_path), {"device": data})
+    got = runs["device"]
+    assert got["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), got["device"]
+    assert got["reference_built"] and all(math.isfinite(x) for pair in got["losses"] for x in pair), got["losses"]
