@@ -71,7 +71,7 @@ if [ "$DRY" = 1 ]; then
          --kl-rows 8 --kl-vocab 256 --kl-repeats 1 --tp 1 --attention-seq-lens 32)
 else
   BENCH=(--config configs/llada_1b.yaml --tiny --seq-len 1024 --micro-batch-size 4 --warmup 2 --repeats 5
-         --kl-rows 1024 4096 --kl-repeats 3 --tp 1 --attention-seq-lens 1024 2048 optim.dtype=bf16)
+         --kl-rows 1024 4096 --kl-repeats 3 --tp 1 --attention-seq-lens 2048 optim.dtype=bf16)
 fi
 log "bench: mdu-dist bench ${BENCH[*]}"
 if ! timeout "$STEP_TIMEOUT" "$PY" -m mdu_dist.cli bench "${BENCH[@]}" --json "$OUT/bench.json" \
