@@ -32,7 +32,9 @@ rm -rf "$VENV"
 "${PYTHON:-python3}" -m venv --system-site-packages "$VENV"
 PY="$VENV/bin/python"
 if [ -n "${MDU_EXTRA_SITE:-}" ]; then
-  "$PY" -c "import site, sys; open(site.getsitepackages()[0] + '/mdu_extra.pth', 'w').write(sys.argv[1] + '\n')" \
+  # First on the path, as an image's own packages would be (ahead of older copies in the base Python).
+  "$PY" -c "import site, sys
+open(site.getsitepackages()[0] + '/mdu_extra.pth', 'w').write(f'import sys; sys.path.insert(0, {sys.argv[1]!r})\n')" \
     "$MDU_EXTRA_SITE"
 fi
 "$PY" -c "import torch" || { log "this Python has no torch: the check uses the image's own"; exit 1; }
