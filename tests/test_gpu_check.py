@@ -59,7 +59,7 @@ def test_gpu_check_dry_runs_every_step_on_cpu(tmp_path):
     # megatron-core came from the wheel folder into the fresh venv, not from this environment.
     where = subprocess.run([str(out / "venv" / "bin" / "python"), "-c",
                             "import megatron.core, deepspeed; print(megatron.core.__file__, deepspeed.__file__)"],
-                           capture_output=True, text=True, check=True).stdout.split()
+                           capture_output=True, text=True, check=True).stdout.splitlines()[-1].split()
     assert all(p.startswith(str(out / "venv")) for p in where), where
     tests = (out / "tests.log").read_text()
     assert "skipped" in tests and " passed" in tests and "failed" not in tests

@@ -43,7 +43,7 @@ export PYTHONPATH=$PWD TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$OUT/torch_e
 "$PY" -c "import megatron.core, deepspeed, submitit, transformers, mdu_dist.cli" 2>/dev/null
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 log "venv $VENV: $("$PY" -c 'import sys, torch, megatron.core as m, deepspeed as d
-print("python", sys.version.split()[0], "torch", torch.__version__, "megatron-core", m.__version__, "deepspeed", d.__version__)'); $GPUS GPU(s); dry=$DRY"
+print("python", sys.version.split()[0], "torch", torch.__version__, "megatron-core", m.__version__, "deepspeed", d.__version__)' 2>/dev/null | tail -1); $GPUS GPU(s); dry=$DRY"
 if [ "$DRY" != 1 ] && [ "$GPUS" -lt 1 ]; then
   log "no CUDA device here: run with --dry to check everything but CUDA"; exit 1
 fi
