@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo clean
+.PHONY: install test test-all demo wheels gpu-check clean
 
 install:
 	@VENV=$(VENV) tools/install.sh
@@ -19,6 +19,14 @@ test-all: install
 # The whole pipeline on CPU (configs/demo.yaml): fine-tune, unlearn with MDU and baselines, evaluate, plots.
 demo: install
 	$(PY) -m mdu_dist.cli demo $(DEMO_ARGS)
+
+# The wheels a GPU machine without network needs (tools/build_wheels.sh; into wheelhouse/, about 50 MiB), and
+# the one-command GPU verification that installs them (tools/gpu_check.sh; GPU_CHECK_ARGS=--dry on CPU).
+wheels: install
+	PYTHON=$(PY) tools/build_wheels.sh
+
+gpu-check:
+	tools/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

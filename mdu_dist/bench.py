@@ -10,6 +10,12 @@
     allocated during them (``LiveBytes``; the inputs are not counted, the gradient is).
 (c) throughput: tokens/s of the MDU step (forget + retain tokens per step / step time) at each TP size, on
     TP local processes joined by gloo (the CPU threads are split between them).
+(d) attention: the SFT step with SDPA and with megatron's local (unfused) core attention side by side, at each
+    of ``--attention-seq-lens``: step time and peak memory.
+MDU at tau = 0 (``mdu_tau0``: uniform target, no anchor pass, no reference) is timed against SFT too: its floor
+is 1. Peak memory of a step (every kind): of its forward and backward on the same micro-batch, untimed, outside
+DeepSpeed (``step_peak_bytes``); CUDA's peak allocated bytes above what was allocated before, on CPU the
+storages allocated meanwhile (``LiveBytes``).
 
 Steps use synthetic random token rows of a fixed length rather than TOFU rows, whose padded length varies by
 step; the trainer, objective and model are the real ones. Timings are medians over repeats after warm-up.
@@ -40,9 +46,11 @@ from mdu_dist.losses.divergence import chunk_rows, vocab_parallel_divergence
 LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
 # A small LLaDA-shaped model: big enough that the transformer, not Python overhead, dominates a CPU step.
 SMALL = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.num_query_groups=4",
-         "model.ffn_hidden_size=688", "model.vocab_size=32768", "model.max_position_embeddings=1024",
+         "model.ffn_hidden_size=688", "model.vocab_size=32768", "model.max_position_embeddings=4096",
          "optim.lr=1e-5", "optim.warmup_steps=0"]
-STEP_KINDS = ("sft", "mdu_forget", "sft_2x", "mdu")  # mdu_forget: alpha=0; sft_2x: SFT on forget + retain rows
+# mdu_forget: alpha=0; mdu_tau0: alpha=0 and tau=0; sft_2x: SFT on forget + retain rows. ``kind@attention``
+# runs the kind with model.attention=attention.
+STEP_KINDS = ("sft", "mdu_forget", "mdu_tau0", "sft_2x", "mdu")
 
 
 # ------------------------------------------------------------------------------------------ (b) the KL
@@ -217,9 +225,46 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if device_name and k in device_name), None)
 
 
+def _peak_bytes(fn: Callable[[], object]) -> tuple[object, int]:
+    """``fn()`` and the peak bytes allocated while it runs, beyond what was allocated before it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - before
+    with LiveBytes() as mode:
+        out = fn()
+    return out, mode.peak
+
+
+def step_peak_bytes(trainer) -> int:
+    """Peak bytes of one forward and backward of ``trainer``'s step on its micro-batches (activations, logits,
+    gradients), through a fresh copy of its model outside DeepSpeed: DeepSpeed's gradient hooks allocate a
+    reduce bucket of its own size (2 GB by default) in every backward, whatever the model does."""
+    from mdu_dist.methods import microbatch_loss
+    from mdu_dist.models.mcore import build_stage
+    from mdu_dist.models.paired import PolicyAndReference
+    from mdu_dist.pipeline import run_microbatches
+
+    cfg, mbs = trainer.cfg, trainer.fixed
+    dtype, device = next(trainer.policy.parameters()).dtype, next(trainer.policy.parameters()).device
+    reference = build_stage(cfg.model, dtype).to(device) if trainer.reference is not None else None
+    model = PolicyAndReference(build_stage(cfg.model, dtype, cfg.train.recompute).to(device), reference)
+
+    def forward_backward():
+        run_microbatches(model, mbs, lambda m, mb: m(mb.ids, mb.n_policy, mb.positions),
+                         lambda mb, logits: (microbatch_loss(trainer.objective, mb, logits, trainer.vocab)[0], {}),
+                         seq_length=mbs[0].ids.shape[1], micro_batch_size=mbs[0].ids.shape[0])
+
+    return _peak_bytes(forward_backward)[1]
+
+
 def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
                 ) -> dict:
-    """One rank: build the trainers ``kinds`` need, then time their steps, interleaved."""
+    """One rank: build the trainers ``kinds`` need, then time their steps, interleaved; then one more step of
+    each for its peak memory."""
     from mdu_dist import distributed
     from mdu_dist.methods import prepare
 
@@ -235,15 +280,19 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
         # Each kind: (job, method overrides, batch parts, policy rows with a gradient).
         spec = {"sft": ("finetune", {}, {"train": forget}, b),
                 "mdu_forget": ("unlearn", {"name": "mdu", "alpha": 0.0}, {"forget": forget}, b),
+                "mdu_tau0": ("unlearn", {"name": "mdu", "alpha": 0.0, "tau": 0.0}, {"forget": forget}, b),
                 "sft_2x": ("finetune", {}, {"train": both}, 2 * b),
                 "mdu": ("unlearn", {"name": "mdu", "alpha": 1.0}, {"forget": forget, "retain": retain}, 2 * b)}
         trainers, tokens, flops = {}, {}, {}
         for kind in kinds:
-            job, overrides, parts, rows = spec[kind]
-            trainers[kind] = _trainer(cfg, job, overrides)
+            base, _, attention = kind.partition("@")
+            job, overrides, parts, rows = spec[base]
+            kind_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention)) \
+                if attention else cfg
+            trainers[kind] = _trainer(kind_cfg, job, overrides)
             # The same generator seed: SFT's and MDU's forget rows get the same t and the same masks.
             mb = prepare(trainers[kind].objective, parts, torch.Generator().manual_seed(0))
-            trainers[kind].fixed = [mb]
+            trainers[kind].fixed = [mb.to(distributed.device())]
             tokens[kind] = rows * seq_len
             flops[kind] = step_flops(cfg.model, mb)
         times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -256,8 +305,10 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
                 if i >= warmup:
                     times[kind].append(time.perf_counter() - start)
         medians = {k: statistics.median(v) for k, v in times.items()}
+        peaks = {k: step_peak_bytes(trainers[k]) for k in kinds}
         return {k: {"seconds": medians[k], "tokens": tokens[k], "tokens_per_s": tokens[k] / medians[k],
-                    "model_flops": flops[k], "tflops_per_s": flops[k] / medians[k] / 1e12, "all_seconds": v}
+                    "model_flops": flops[k], "tflops_per_s": flops[k] / medians[k] / 1e12, "all_seconds": v,
+                    "peak_bytes": peaks[k]}
                 for k, v in times.items()}
     finally:
         distributed.shutdown()
@@ -301,9 +352,10 @@ def format_report(result: dict) -> str:
     s = result["steps"]
     peak = peak_flops(result["machine"]["cuda"])
     lines = ["(a) one training step, same rows/length/masks (median s)",
-             "| step | policy tokens | s/step | tokens/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
+             "| step | policy tokens | s/step | tokens/s | model TFLOP/s | MFU | peak MiB |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['tokens']} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} | {v['tflops_per_s']:.3g} | "
-              f"{_mfu(v['tflops_per_s'], peak)} |" for k, v in s.items()]
+              f"{_mfu(v['tflops_per_s'], peak)} | {_mib(v['peak_bytes'])} |" for k, v in s.items()]
     for name, r in result["ratios"].items():
         lines.append(f"{name}: {r['paired']:.3f} (median of paired ratios; ratio of medians {r['medians']:.3f}, "
                      f"of minima {r['minima']:.3f})")
@@ -316,6 +368,15 @@ def format_report(result: dict) -> str:
     lines += ["", "(c) MDU step (forget + retain tokens) by TP size, gloo on CPU",
               "| TP | s/step | tokens/s |", "|---|---|---|"]
     lines += [f"| {tp} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |" for tp, v in result["throughput"].items()]
+    if result["attention"]:
+        lines += ["", "(d) SFT step, SDPA vs megatron's local core attention",
+                  "| tokens | SDPA s/step | local s/step | time ratio | SDPA peak MiB | local peak MiB | memory ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, r in result["attention"].items():
+            a, b = r["sft@sdpa"], r["sft@local"]
+            lines.append(f"| {n} | {a['seconds']:.3f} | {b['seconds']:.3f} | {a['seconds'] / b['seconds']:.2f} | "
+                         f"{_mib(a['peak_bytes'])} | {_mib(b['peak_bytes'])} | "
+                         f"{a['peak_bytes'] / b['peak_bytes']:.2f} |")
     return "\n".join(lines)
 
 
@@ -327,6 +388,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, overrides)
     steps = run_steps(cfg, STEP_KINDS, args.seq_len, args.warmup, args.repeats, args.threads)
     ratios = {"MDU(alpha=0) / SFT (floor 4/3)": paired_ratio(steps["mdu_forget"], steps["sft"]),
+              "MDU(tau=0, alpha=0) / SFT (floor 1)": paired_ratio(steps["mdu_tau0"], steps["sft"]),
               "MDU(alpha=1) / SFT on forget+retain rows (floor 7/6)": paired_ratio(steps["mdu"], steps["sft_2x"])}
     torch.set_num_threads(args.threads)
     kl = bench_kl(args.kl_rows, args.kl_vocab, args.kl_chunks, args.tau, 1, args.kl_repeats)
@@ -334,20 +396,26 @@ def run_bench(args: argparse.Namespace) -> dict:
     for tp in args.tp:
         tp_cfg = load_config(args.config, [*overrides, f"parallel.tensor={tp}"])
         throughput[tp] = run_steps(tp_cfg, ("mdu",), args.seq_len, args.warmup, args.repeats, args.threads)["mdu"]
+    attention = {n: run_steps(cfg, ("sft@sdpa", "sft@local"), n, args.warmup, args.repeats, args.threads)
+                 for n in args.attention_seq_lens}
     return {"machine": machine(), "config": args.config, "overrides": overrides, "seq_len": args.seq_len,
             "warmup": args.warmup, "repeats": args.repeats, "kl_repeats": args.kl_repeats,
             "threads_per_rank": args.threads, "steps": steps, "ratios": ratios, "kl": kl,
-            "throughput": throughput}
+            "throughput": throughput, "attention": attention}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.output_dir = args.output_dir or tmp  # the trainers' tokenizer; no checkpoint is written
         result = run_bench(args)
-    print(format_report(result))
+    report = format_report(result)
+    print(report)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"JSON: {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(f"# mdu-dist bench\n\nMachine: {result['machine']}\n\n{report}\n")
+        print(f"Markdown: {args.markdown}")
     return 0
 
 
@@ -368,7 +436,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="kernel chunk sizes in rows; 0 = the kernel's own byte-sized default, chunk_rows(V)")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="TP sizes for the throughput table")
     p.add_argument("--output-dir", default="", help="where the trainers keep their tokenizer (default: a temp dir)")
+    p.add_argument("--attention-seq-lens", type=int, nargs="*", default=[],
+                   help="sequence lengths of table (d), SDPA vs local attention (default: none)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="also write the tables here")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 

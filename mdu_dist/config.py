@@ -26,6 +26,9 @@ from mdu_dist.methods import MethodConfig
 from mdu_dist.optim import OptimConfig, check_pipeline
 
 
+ATTENTIONS = ("sdpa", "local", "te")
+
+
 @dataclass
 class ModelConfig:
     """Shape of a masked-diffusion backbone. ``arch`` selects the weight layout and the logit shift."""
@@ -48,6 +51,10 @@ class ModelConfig:
     # every TP rank holds an equal, aligned vocab slice; padded logits are masked out of every loss.
     make_vocab_size_divisible_by: int = 128
     init_std: float = 0.02
+    # Core attention: sdpa (torch's scaled_dot_product_attention: flash / memory-efficient kernels on CUDA) |
+    # local (megatron-core's unfused DotProductAttention, which keeps the [b, heads, s, s] probabilities) |
+    # te (Transformer Engine's fused attention; only where transformer_engine imports).
+    attention: str = "sdpa"
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +79,8 @@ class ModelConfig:
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"{where}.num_attention_heads={self.num_attention_heads} is not divisible by "
                               f"num_query_groups={self.num_query_groups}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"{where}.attention={self.attention!r} must be one of {', '.join(ATTENTIONS)}")
         if self.head_dim % 2:
             raise ConfigError(f"{where}: head dim {self.head_dim} must be even for RoPE")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):
@@ -109,6 +118,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     resume: str = "none"  # none | auto (latest complete checkpoint in output_dir/checkpoints)
     seed: int = 0
+    # Activation recomputation of the policy (models.mcore.RECOMPUTE): none | selective (core attention) |
+    # full (every layer). The frozen reference runs under no_grad and stores nothing either way.
+    recompute: str = "none"
 
     def validate(self, where: str = "train") -> None:
         for name in ("epochs", "log_every"):
@@ -118,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"{where}: max_steps and save_every must be >= 0")
         if self.resume not in ("none", "auto"):
             raise ConfigError(f"{where}.resume={self.resume!r} must be none or auto")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"{where}.recompute={self.recompute!r} must be none, selective or full")
 
 
 @dataclass

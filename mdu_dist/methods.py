@@ -11,6 +11,7 @@ The likelihood of a response under a masked diffusion model is the ELBO estimate
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -147,12 +148,21 @@ class Objective:
 
 
 class MDU(Objective):
-    """KL(p_theta(. | x ⊕ y_t) || softmax(tau * p_theta0(. | MASK^|x| ⊕ y_t))) at masked response positions."""
+    """KL(p_theta(. | x ⊕ y_t) || softmax(tau * p_theta0(. | MASK^|x| ⊕ y_t))) at masked response positions.
 
-    needs_reference = True
+    At tau = 0 the target is uniform over the kept vocabulary V whatever the anchor says, so there is no anchor
+    pass and no frozen theta_0 at all: the forget term is KL(p || uniform) = log|V| - H(p), from the policy's
+    logits alone, and the step costs what an SFT step costs."""
+
     metric_names = ("forget-loss", "retain-loss", "kl", "masked-positions")
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.cfg.tau != 0
+
     def passes(self, drawn):
+        if not self.needs_reference:
+            return super().passes(drawn)
         f = drawn["forget"]
         anchor = anchor_view(f.noisy, f.response, self.mask_token_id)
         return super().passes(drawn) + [Pass("anchor", anchor, f.masked, reference=True)]
@@ -160,7 +170,10 @@ class MDU(Objective):
     def forget_term(self, logits, drawn, vocab):
         c = self.cfg
         exclude = torch.tensor(c.special_token_ids, dtype=torch.long) if c.exclude_special_tokens else None
-        kl = vocab_parallel_divergence(logits["forget"], logits["anchor"], vocab.group, vocab_start=vocab.start,
+        z = logits["forget"]
+        # tau = 0 zeroes the target logits anyway; a stride-0 view of one zero stands in for the anchor's.
+        anchor = logits["anchor"] if self.needs_reference else z.new_zeros(()).expand(z.shape)
+        kl = vocab_parallel_divergence(z, anchor, vocab.group, vocab_start=vocab.start,
                                        vocab_size=vocab.size, direction=c.direction, tau=c.tau, eta=c.eta,
                                        exclude_ids=exclude)
         # A batch with no masked response position contributes a defined zero (not 0/0).
@@ -250,6 +263,15 @@ class MicroBatch:
     ids: Tensor  # [rows, L]
     positions: Tensor  # [rows, L] bool: where the losses read logits
     n_policy: int
+
+    def to(self, device: torch.device) -> MicroBatch:
+        """The same micro-batch with every tensor on ``device`` (the draws are made on the CPU generator)."""
+        def move(x):
+            return dataclasses.replace(x, **{f.name: getattr(x, f.name).to(device) for f in dataclasses.fields(x)
+                                             if isinstance(getattr(x, f.name), Tensor)})
+
+        return MicroBatch({n: move(nz) for n, nz in self.drawn.items()}, [move(p) for p in self.passes],
+                          self.ids.to(device), self.positions.to(device), self.n_policy)
 
 
 def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Generator) -> MicroBatch:

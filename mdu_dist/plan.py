@@ -13,14 +13,17 @@ P = parameters of that stage's TP rank:
     activations    in_flight x layers_per_stage x A(policy tokens)  +  one layer's A(reference tokens)
                    + (last stage) masked-position logits
 
-A(n tokens) = 2 bytes x n x [4h + (2h + 2kv + 4f + a s) / t] is what one layer of the local (unfused)
-megatron spec keeps for its backward, in bf16 elements per token: the inputs of both norms and of the
-column-parallel linears (4h, replicated over TP), the attention context entering linear_proj (h/t), q, k and
-v after RoPE ((h + 2kv)/t), the softmax probabilities (a s/t: unfused attention keeps them), fc1's gate and
-up outputs, silu(gate) and the product entering fc2 (4f/t); h hidden, kv = KV heads x head dim, f ffn size,
-a heads, s sequence length, t TP size. The reference (anchor) pass runs under no_grad and keeps nothing; its
-transient working set, one layer's worth, is alive on top of the policy's stored activations. Under the 1F1B
-schedule stage r holds PP - r micro-batches in flight. Logits exist only at masked response positions
+A(n tokens) = 2 bytes x n x [4h + (2h + 2kv + 4f + S) / t] is what one layer keeps for its backward, in bf16
+elements per token: the inputs of both norms and of the column-parallel linears (4h, replicated over TP), the
+attention context entering linear_proj (h/t), q, k and v after RoPE ((h + 2kv)/t), fc1's gate and up
+outputs, silu(gate) and the product entering fc2 (4f/t), and the core attention's own state S: the softmax
+probabilities with megatron's unfused ``local`` attention (S = a s), SDPA's / TE's fp32 log-sum-exp per head
+with the fused kernels (S = 2a); h hidden, kv = KV heads x head dim, f ffn size, a heads, s sequence length,
+t TP size. With ``train.recompute``: ``selective`` recomputes the core attention (S = 0); ``full`` keeps only
+each layer's input (2 n h bytes per layer) and one layer's A, recomputed in the backward, on top. The
+reference (anchor) pass runs under no_grad and keeps nothing; its transient working set, one layer's worth,
+is alive on top of the policy's stored activations. Under the 1F1B schedule stage r holds PP - r
+micro-batches in flight. The CPU's math path of SDPA does keep probabilities; the plan models GPUs. Logits exist only at masked response positions
 (N = masked fraction x tokens per pass): each pass's bf16 [N, V/t] logits, the policy passes' logit
 gradients, and the divergence kernel's fp32 chunk buffers (3 x chunk x V/t, chunk = 32 MiB of fp32 rows).
 
@@ -58,6 +61,7 @@ class Workload:
     masked_fraction: float
     policy_passes: int
     reference_passes: int
+    recompute: str = "none"  # train.recompute
 
 
 @dataclass
@@ -87,11 +91,13 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
     return [sum(t.numel() for t in shard(cfg, weights, tp, 0, pp, r).values()) for r in range(pp)]
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int) -> int:
-    """A(tokens): what one transformer layer keeps for its backward (formula in the module docstring)."""
+def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int, recompute: str = "none") -> int:
+    """A(tokens): what one transformer layer keeps for its backward (formula in the module docstring); with
+    ``recompute="selective"`` without the core attention's state."""
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     kv = cfg.num_query_groups * cfg.head_dim
-    per_token_elements = 4 * h + (2 * h + 2 * kv + 4 * f + a * seq_len) / tp
+    attention_state = 0 if recompute == "selective" else a * seq_len if cfg.attention == "local" else 2 * a
+    per_token_elements = 4 * h + (2 * h + 2 * kv + 4 * f + attention_state) / tp
     return int(BF16 * tokens * per_token_elements)
 
 
@@ -105,8 +111,12 @@ def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
 
 def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
     tokens = w.micro_batch_size * w.seq_len
-    per_layer = layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len)
-    stored = (pp - stage) * (cfg.num_layers // pp) * per_layer
+    layers = (pp - stage) * (cfg.num_layers // pp)
+    if w.recompute == "full":  # each layer's input, plus the one layer being recomputed in the backward
+        stored = layers * BF16 * w.policy_passes * tokens * cfg.hidden_size
+        stored += layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len)
+    else:
+        stored = layers * layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, w.recompute)
     anchor = layer_activation_bytes(cfg, tp, tokens, w.seq_len) if w.reference_passes else 0
     return stored + anchor + (logits_bytes(cfg, tp, w) if stage == pp - 1 else 0)
 
@@ -153,7 +163,7 @@ def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_
     drawn = objective.draw({n: dummy for n in ("train", "forget", "retain", "idk")}, torch.Generator())
     passes = objective.passes(drawn)
     n_ref = sum(p.reference for p in passes)
-    return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref)
+    return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref, cfg.train.recompute)
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:
@@ -200,7 +210,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{count_parameters(m) / 1e9:.2f}e9 parameters")
     print(f"{args.job} ({method}): micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
           f"{w.policy_passes} policy + {w.reference_passes} reference pass(es), logits at "
-          f"{w.masked_fraction:.0%} of positions; {args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")
+          f"{w.masked_fraction:.0%} of positions; {m.attention} attention, recompute {w.recompute}; "
+          f"{args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")
     print(format_table(rows))
     fitting = [r for r in rows if r.fits]
     print(f"{len(fitting)} of {len(rows)} layouts fit in {args.gpu_mem:g} GiB per GPU"

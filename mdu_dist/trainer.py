@@ -57,6 +57,7 @@ class Trainer:
     def __init__(self, cfg, job: str):
         from megatron.core import parallel_state as ps
 
+        from mdu_dist import distributed
         from mdu_dist.inputs import prepare, steps_per_epoch
         from mdu_dist.methods import SFT, VocabShard, build_objective
         from mdu_dist.models.mcore import build_stage
@@ -73,14 +74,17 @@ class Trainer:
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
-        self.policy = build_stage(m, dtype)
+        self.policy = build_stage(m, dtype, cfg.train.recompute)
+        # MDU at tau = 0 (uniform target) needs no theta_0: none is built.
         self.reference = build_stage(m, dtype) if self.objective.needs_reference else None
         self._load_initial_weights()
         per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
         self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         cfg.optim.total_steps = self.total_steps  # the schedule spans exactly this run
-        self.engine = build_engine(self.policy, cfg.optim)
+        self.engine = build_engine(self.policy, cfg.optim)  # moves the policy to this rank's device
+        if self.reference is not None:
+            self.reference.to(distributed.device())
         self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
         self.tokenizer_dir = self._keep_tokenizer(inputs)
         self.step = 0
@@ -129,6 +133,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- step
 
     def _microbatches(self, step: int) -> list:
+        from mdu_dist import distributed
         from mdu_dist.data import collate_parts, longest
         from mdu_dist.methods import prepare
 
@@ -141,7 +146,8 @@ class Trainer:
         length = max(longest(p) for p in parts)
         pad, pad_in_response = self.cfg.model.pad_token_id, self.job == "finetune" and self.cfg.data.pad_in_response
         return [prepare(self.objective, collate_parts(p, pad, length, pad_in_response),
-                        step_generator(self.cfg.train.seed, step, i, self.dp_rank)) for i, p in enumerate(parts)]
+                        step_generator(self.cfg.train.seed, step, i, self.dp_rank)).to(distributed.device())
+                for i, p in enumerate(parts)]
 
     def train_step(self, step: int) -> dict[str, float]:
         from mdu_dist.methods import microbatch_loss

@@ -64,11 +64,15 @@ def test_bench_runs_tiny(tmp_path):
                                                                 str(Path("build/torch_extensions").absolute()))}
     proc = subprocess.run([sys.executable, "tools/bench.py", "--tiny", "--seq-len", "32", "--micro-batch-size", "2",
                            "--warmup", "0", "--repeats", "1", "--kl-rows", "8", "--kl-vocab", "256", "--kl-repeats",
-                           "1", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+                           "1", "--attention-seq-lens", "32", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["steps"]) == {"sft", "mdu_forget", "sft_2x", "mdu"}
-    assert set(result["throughput"]) == {"1", "2"} and len(result["ratios"]) == 2
+    assert set(result["steps"]) == {"sft", "mdu_forget", "mdu_tau0", "sft_2x", "mdu"}
+    assert set(result["throughput"]) == {"1", "2"} and len(result["ratios"]) == 3
+    assert set(result["attention"]["32"]) == {"sft@sdpa", "sft@local"}
+    assert all(v["peak_bytes"] > 0 for v in result["steps"].values())
+    assert "(d) SFT step, SDPA vs megatron's local core attention" in (tmp_path / "b.md").read_text()
     assert "MDU(alpha=0) / SFT" in proc.stdout and "| TP | s/step | tokens/s |" in proc.stdout
 
 

@@ -33,6 +33,7 @@ def test_llada_vocab_padding_at_tp8():
     (["model.num_query_groups=2", "parallel.tensor=4"], "does not divide the KV heads (num_query_groups=2)"),
     (["model.arch=gpt"], "model.arch='gpt' is not a known backbone"),
     (["hidden_size"], "not of the form key.sub=value"),
+    (["model.attention=flash"], "model.attention='flash' must be one of sdpa, local, te"),
 ])
 def test_bad_overrides_name_the_value(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -73,3 +74,14 @@ def test_process_env_sources():
     assert (sl.rank, sl.local_rank, sl.world_size, sl.master_addr, sl.source) == (9, 1, 16, "gpu007", "slurm")
     assert sl.master_port == 20000 + 4242
     assert process_env({}).source == "single"
+
+
+def test_te_attention_without_transformer_engine_is_a_clear_error():
+    import importlib.util
+
+    from mdu_dist.models.attention import core_attention
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(RuntimeError, match="model.attention=te needs Transformer Engine"):
+        core_attention("te")

@@ -60,7 +60,7 @@ def test_each_redirect_is_listed_and_works_on_cpu():
     assert probe["fork_uses_seed"] and probe["fork_restores"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to show the shim is inert")
+@pytest.mark.gpu
 def test_inert_when_cuda_is_available():
     from megatron.core.pipeline_parallel import schedules
 

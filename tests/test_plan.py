@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -47,16 +48,41 @@ def test_vocabulary_padding_is_counted():
                                            20 * layer + h + 126976 // 8 * h]
 
 
-def test_activation_formula_by_hand():
-    w = Workload(micro_batch_size=1, seq_len=1024, masked_fraction=0.5, policy_passes=2, reference_passes=1)
-    # Per token and layer at TP=2: 4h + (2h + 2kv + 4f + a s) / 2 = 16384 + (8192 + 8192 + 49152 + 32768) / 2
-    per_token = 2 * 65536  # bf16 bytes
-    layers = 32 * 2048 * per_token  # two policy passes of 1024 tokens, all 32 layers (PP=1)
-    anchor = 1024 * per_token  # one layer's transient of the no-grad pass
+# Per token and layer at TP=2, in bf16 elements: 4h + (2h + 2kv + 4f + S) / 2 with 4h = 16384 and
+# 2h + 2kv + 4f = 8192 + 8192 + 49152; S = a s = 32 x 1024 (local), 2a = 64 (sdpa), 0 (recomputed).
+PER_TOKEN = {"local": 16384 + (65536 + 32768) // 2, "sdpa": 16384 + (65536 + 64) // 2, "selective": 16384 + 65536 // 2}
+
+
+@pytest.mark.parametrize("attention,recompute", [("local", "none"), ("sdpa", "none"), ("local", "selective"),
+                                                 ("sdpa", "selective"), ("sdpa", "full"), ("local", "full")])
+def test_activation_formula_by_hand(attention, recompute):
+    cfg = dataclasses.replace(LLADA_8B, attention=attention)
+    w = Workload(micro_batch_size=1, seq_len=1024, masked_fraction=0.5, policy_passes=2, reference_passes=1,
+                 recompute=recompute)
+    layer = 2 * 2048 * PER_TOKEN[attention]  # bf16 bytes of one layer over two policy passes of 1024 tokens
+    if recompute == "selective":
+        layers = 32 * 2 * 2048 * PER_TOKEN["selective"]
+    elif recompute == "full":  # every layer's input [2048 tokens, h], and one layer being recomputed
+        layers = 32 * 2 * 2048 * 4096 + layer
+    else:
+        layers = 32 * layer  # all 32 layers (PP=1)
+    anchor = 1024 * 2 * PER_TOKEN[attention]  # one layer's transient of the no-grad pass (never recomputed)
     n, v_local = 512, 63232
     chunk = 132  # rows of 63232 fp32 values in 32 MiB: 2**25 // (4 * 63232)
     logits = 3 * n * v_local * 2 + 2 * n * v_local * 2 + 3 * chunk * v_local * 4
-    assert activation_bytes(LLADA_8B, 2, 1, 0, w) == layers + anchor + logits
+    assert activation_bytes(cfg, 2, 1, 0, w) == layers + anchor + logits
+
+
+def test_recomputation_shrinks_the_activation_term():
+    def act(attention, recompute):
+        cfg = dataclasses.replace(LLADA_8B, attention=attention)
+        return activation_bytes(cfg, 2, 1, 0, Workload(1, 2048, 0.5, 2, 1, recompute))
+
+    for attention in ("local", "sdpa"):
+        assert act(attention, "full") < act(attention, "selective") < act(attention, "none")
+    assert act("sdpa", "none") < 0.7 * act("local", "none")  # the [s, s] probabilities dominate at 2048 tokens
+    cfg = load_config("configs/llada_8b.yaml", ["train.recompute=full"])
+    assert workload(cfg, "unlearn", 1, 512, 0.5).recompute == "full"
 
 
 def test_zero_stages_and_offload_by_hand():
@@ -85,6 +111,9 @@ def test_workload_counts_passes_from_the_objective():
     cfg = load_config("configs/llada_8b.yaml")
     mdu = workload(cfg, "unlearn", 1, 512, 0.5)
     assert (mdu.policy_passes, mdu.reference_passes) == (2, 1)  # forget + retain, anchor
+    uniform = workload(load_config("configs/llada_8b.yaml", ["method.tau=0"]), "unlearn", 1, 512, 0.5)
+    assert (uniform.policy_passes, uniform.reference_passes) == (2, 0)  # tau = 0: no anchor, no theta_0
+    assert memory_row(LLADA_8B, 2, 1, 4, 1, "none", uniform, 80).reference == 0
     assert (workload(cfg, "finetune", 1, 512, 0.5).policy_passes, workload(cfg, "finetune", 1, 512, 0.5)
             .reference_passes) == (1, 0)
 

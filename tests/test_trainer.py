@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -140,3 +141,93 @@ def test_bad_forget_file_is_named(tmp_path, content, needle):
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert not out.exists()
+
+
+
+def policy_weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _three_steps(output_dir: str, runs: dict[str, list[str]]) -> dict:
+    """One rank: for each run (name -> overrides), a Trainer's first three MDU steps. Returns the losses,
+    whether a reference was built, the rows of a micro-batch, and the largest difference of each run's final
+    policy weights from the first run's (tensors stay in this process)."""
+    from mdu_dist import distributed
+    from mdu_dist.config import load_config
+    from mdu_dist.trainer import Trainer
+
+    def cfg(name):
+        return load_config("configs/llada_tiny.yaml", TINY + ["train.max_steps=3", *runs[name],
+                                                             f"train.output_dir={output_dir}/{name}"])
+
+    first = next(iter(runs))
+    distributed.init(cfg(first).parallel, cfg(first).model)
+    try:
+        out, base = {}, None
+        for name in runs:
+            trainer = Trainer(cfg(name), "unlearn")
+            initial = policy_weights(trainer)
+            # Forward calls per step of the first layer's core attention and MLP: 2 where they are recomputed.
+            layer, calls = trainer.policy.module.decoder.layers[0], {"core_attention": 0, "mlp": 0}
+            for part in calls:
+                getattr(layer.self_attention if part == "core_attention" else layer, part).register_forward_hook(
+                    lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+            metrics = [trainer.train_step(step) for step in range(3)]
+            weights = policy_weights(trainer)
+            base = base or weights
+            mb = trainer._microbatches(0)[0]
+            out[name] = {"losses": [(m["forget-loss"], m["retain-loss"]) for m in metrics],
+                         "weight_diff": max((weights[k] - base[k]).abs().max().item() for k in base),
+                         "moved": min((weights[k] - initial[k]).abs().max().item() for k in weights),
+                         "calls_per_step": {k: v / 3 for k, v in calls.items()},
+                         "device": str(next(trainer.policy.parameters()).device),
+                         "reference_built": trainer.reference is not None, "rows": (mb.n_policy, mb.ids.shape[0])}
+        return out
+    finally:
+        distributed.shutdown()
+
+
+def test_recomputation_changes_nothing_but_memory(tmp_path):
+    from multiproc import run_distributed
+
+    (runs,) = run_distributed(_three_steps, 1, str(tmp_path),
+                              {r: [f"train.recompute={r}"] for r in ("none", "selective", "full")})
+    want = runs["none"]
+    assert want["reference_built"] and want["rows"][0] < want["rows"][1]  # tau = 0.5: an anchor pass
+    assert want["losses"][0] != want["losses"][2] and want["moved"] > 1e-4  # every tensor trained
+    calls = {name: tuple(r["calls_per_step"].values()) for name, r in runs.items()}  # (core attention, MLP)
+    assert calls == {"none": (1, 1), "selective": (2, 1), "full": (2, 2)}, calls
+    for name in ("selective", "full"):
+        got = runs[name]
+        for step, (a, b) in enumerate(zip(want["losses"], got["losses"], strict=True)):
+            assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6, f"{name} step {step + 1}: {b} vs {a}"
+        assert got["weight_diff"] <= 1e-6, f"{name}: final weights differ by {got['weight_diff']}"
+
+
+def test_mdu_at_tau_zero_builds_no_reference(tmp_path):
+    from multiproc import run_distributed
+
+    (runs,) = run_distributed(_three_steps, 1, str(tmp_path), {"tau0": ["method.tau=0"]})
+    got = runs["tau0"]
+    assert not got["reference_built"], "tau = 0 must not build the frozen reference"
+    n_policy, rows = got["rows"]
+    assert n_policy == rows, "tau = 0 must run no reference (anchor) rows"
+    assert all(math.isfinite(x) for pair in got["losses"] for x in pair)
+
+
+@pytest.mark.device
+def test_mdu_trainer_steps_on_the_device(tmp_path):
+    """Three MDU steps on this machine's device (bf16 on CUDA), from question/answer files written here (no TOFU
+    folder needed): finite losses, the policy on the GPU where there is one."""
+    import json
+
+    from multiproc import run_distributed
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"Who is {i}?", "answer": f"{i} is a name."}) + "\n"
+                            for i in range(8)))
+    data = [f"data.{part}={rows}" for part in ("finetune", "forget", "retain")]
+    (runs,) = run_distributed(_three_steps, 1, str(tmp_path), {"device": data})
+    got = runs["device"]
+    assert got["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), got["device"]
+    assert got["reference_built"] and all(math.isfinite(x) for pair in got["losses"] for x in pair), got["losses"]

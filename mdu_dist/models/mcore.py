@@ -1,5 +1,6 @@
 """LLaDA and Dream as megatron-core GPTModels: the local (no Transformer Engine, no apex) layer spec with
-bidirectional attention, RMSNorm, SwiGLU, RoPE and an untied head.
+bidirectional attention (core attention chosen by ``model.attention``, ``models.attention``), RMSNorm, SwiGLU,
+RoPE and an untied head.
 
 A ``DiffusionLM`` is one pipeline stage. The last stage returns this rank's slice of the padded vocabulary
 with the padding columns at -inf, and (Dream) the logits shifted right by one along the sequence.
@@ -15,9 +16,22 @@ from mdu_dist.config import ModelConfig
 from mdu_dist.models import ARCHS
 
 
-def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32):
+# train.recompute -> megatron-core's activation recomputation. selective: the core attention is recomputed in
+# the backward (what the unfused attention stores, its [b, heads, s, s] probabilities, is never kept); full:
+# every layer keeps only its input and is recomputed whole in the backward (uniform chunks of one layer).
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32,
+                       recompute: str = "none"):
     from megatron.core.transformer import TransformerConfig
 
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r} must be one of {', '.join(RECOMPUTE)}")
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -49,16 +63,22 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = 
         pipeline_dtype=dtype,
         # The layer spec below declares no mask; this keeps megatron from building a causal one anywhere.
         variable_seq_lengths=False,
+        **RECOMPUTE[recompute],
     )
 
 
-def layer_spec():
-    """megatron-core's local GPT layer spec with the causal mask removed: masked diffusion attends both ways."""
+def layer_spec(attention: str = "sdpa"):
+    """megatron-core's local GPT layer spec with the causal mask removed (masked diffusion attends both ways)
+    and its core attention replaced by ``attention`` (``models.attention.core_attention``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
+    from mdu_dist.models.attention import core_attention
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
+    attn = spec.submodules.self_attention
+    attn.params["attn_mask_type"] = AttnMaskType.no_mask
+    attn.submodules.core_attention = core_attention(attention)
     return spec
 
 
@@ -67,11 +87,11 @@ class DiffusionLM(nn.Module):
 
     ``forward(input_ids)`` returns logits [B, S, V_local] on the last stage (hidden states on the others, which
     the pipeline schedule forwards); later stages receive their input through the GPTModel's
-    ``set_input_tensor``.
+    ``set_input_tensor``. ``recompute`` (``RECOMPUTE``) applies in training mode only, as megatron-core does.
     """
 
     def __init__(self, cfg: ModelConfig, tp: int, pp: int, pre_process: bool, post_process: bool,
-                 tp_rank: int = 0, dtype: torch.dtype = torch.float32):
+                 tp_rank: int = 0, dtype: torch.dtype = torch.float32, recompute: str = "none"):
         super().__init__()
         from megatron.core.models.gpt import GPTModel
 
@@ -84,7 +104,7 @@ class DiffusionLM(nn.Module):
         # Named ``module`` so megatron-core's get_attr_wrapped_model finds config, model_type and
         # set_input_tensor on the GPTModel, as it does through DDP wrappers.
         self.module = GPTModel(
-            transformer_config(cfg, tp, pp, dtype), layer_spec(), vocab_size=self.padded_vocab,
+            transformer_config(cfg, tp, pp, dtype, recompute), layer_spec(cfg.attention), vocab_size=self.padded_vocab,
             max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
@@ -124,10 +144,10 @@ class DiffusionLM(nn.Module):
         return logits.masked_fill(columns >= self.cfg.vocab_size, float("-inf"))
 
 
-def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> DiffusionLM:
+def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32, recompute: str = "none") -> DiffusionLM:
     """Build this rank's stage of the model from megatron-core's (already initialised) parallel state."""
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     return DiffusionLM(cfg, tp, pp, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                       tp_rank=ps.get_tensor_model_parallel_rank(), dtype=dtype)
+                       tp_rank=ps.get_tensor_model_parallel_rank(), dtype=dtype, recompute=recompute)
