@@ -84,6 +84,8 @@ def test_eval_writes_claimed_keys_in_range(checkpoint, tmp_path):
     (["eval.checkpoint=/nonexistent/ckpt"], "checkpoint directory not found"),
     (["eval.checkpoint=.", "parallel.pipeline=2"], "parallel.pipeline=2 is not supported"),
     (["eval.splits=[forget,bogus]"], "eval.splits"),
+    (["eval.sampler=origin"], "eval.sampler='origin'"),
+    (["eval.gen_length=8", "eval.block_length=3"], "eval.gen_length=8 is not a multiple of block_length=3"),
     (["eval.checkpoint=CKPT", "eval.retain_model_eval=/nonexistent/eval.json"], "retain-model eval file not found"),
 ])
 def test_bad_input_one_line(checkpoint, tmp_path, args, message):
@@ -94,6 +96,16 @@ def test_bad_input_one_line(checkpoint, tmp_path, args, message):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("mdu-dist: error:") and message in lines[0], proc.stderr
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_dream_sampler_on_request(checkpoint, tmp_path):
+    # A Dream sampler on a LLaDA checkpoint: no block layout is needed (block_length=3 does not divide 8).
+    out = tmp_path / "entropy"
+    _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, "eval.limit=2", "eval.splits=[forget]",
+         "eval.sampler=entropy", "eval.block_length=3", f"eval.checkpoint={checkpoint}", f"eval.output_dir={out}")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["config"]["sampler"] == "entropy"
+    assert len(result["items"]["forget"]["generation"]) == 2
 
 
 @pytest.mark.slow

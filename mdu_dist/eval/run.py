@@ -31,6 +31,9 @@ import torch
 from mdu_dist.errors import ConfigError
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
+# How each backbone's authors evaluate it: LLaDA's low-confidence remasking, Dream's diffusion_generate(alg="entropy").
+DEFAULT_SAMPLER = {"llada": "low_confidence", "dream": "entropy"}
+SAMPLERS = ("low_confidence", "entropy", "maskgit_plus", "topk_margin")
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
 
 
@@ -50,7 +53,8 @@ class EvalConfig:
     batch_size: int = 32  # ELBO samples per forward
     gen_length: int = 128  # generated tokens for ROUGE
     steps: int = 128  # sampler steps (over the whole generation)
-    block_length: int = 32  # semi-autoregressive block length
+    block_length: int = 32  # semi-autoregressive block length (low_confidence only; Dream's samplers use none)
+    sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream); "" = the backbone's
     gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
     retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
     output_dir: str = "runs/eval"
@@ -66,6 +70,17 @@ class EvalConfig:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
         if self.limit < 0:
             raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+        if self.sampler and self.sampler not in SAMPLERS:
+            raise ConfigError(f"{where}.sampler={self.sampler!r}: must be one of {', '.join(SAMPLERS)} "
+                              f"(or empty for the backbone's own)")
+
+    def sampler_for(self, arch: str) -> str:
+        return self.sampler or DEFAULT_SAMPLER[arch]
+
+    def check_sampler(self, arch: str, where: str = "eval") -> None:
+        """The block layout only constrains LLaDA's semi-autoregressive sampler."""
+        if self.sampler_for(arch) != "low_confidence":
+            return
         if self.gen_length % self.block_length:
             raise ConfigError(f"{where}.gen_length={self.gen_length} is not a multiple of "
                               f"block_length={self.block_length}")
@@ -217,6 +232,7 @@ class Evaluator:
         if self.tok.eos_token_id is not None:
             stops.add(self.tok.eos_token_id)
         self.stops = stops
+        self.sampler = self.e.sampler_for(m.arch)
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -247,7 +263,7 @@ class Evaluator:
         from tqdm import tqdm
 
         from mdu_dist.data import QA, encode_pair
-        from mdu_dist.eval.sampler import generate
+        from mdu_dist.eval.sampler import dream_generate, generate
 
         prompts = [encode_pair(self.tok, QA(q, "x"), self.cfg.data.max_length) for q in questions]
         prompts = [ids[:n] for ids, n in prompts]
@@ -259,10 +275,13 @@ class Evaluator:
         out: list[str] = [""] * len(questions)
         for rows in tqdm(batches, desc=desc, disable=not self.show, leave=False):
             prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
-            tokens = generate(self.logits, prompt, gen_length=self.e.gen_length, steps=self.e.steps,
-                              block_length=self.e.block_length, mask_token_id=self.cfg.model.mask_token_id,
-                              vocab_size=self.cfg.model.vocab_size, temperature=0.0,
-                              vocab_start=self.stage.vocab_start, group=self.group).cpu().tolist()
+            common = dict(gen_length=self.e.gen_length, steps=self.e.steps, mask_token_id=self.cfg.model.mask_token_id,
+                          vocab_size=self.cfg.model.vocab_size, vocab_start=self.stage.vocab_start, group=self.group)
+            if self.sampler == "low_confidence":
+                tokens = generate(self.logits, prompt, block_length=self.e.block_length, **common)
+            else:
+                tokens = dream_generate(self.logits, prompt, alg=self.sampler, **common)
+            tokens = tokens.cpu().tolist()
             for i, seq in zip(rows, tokens):
                 cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))
                 out[i] = self.tok.decode(seq[:cut], skip_special_tokens=True).strip()
@@ -327,7 +346,8 @@ def evaluate(cfg) -> dict:
                                 if all(k in metrics for k in M.MODEL_UTILITY_KEYS)
                                 else None)
     return {"checkpoint": str(ckpt), "metrics": metrics, "items": items, "seconds": timing,
-            "config": {"eval": asdict(e), "model": asdict(cfg.model), "max_length": cfg.data.max_length}}
+            "config": {"eval": asdict(e), "model": asdict(cfg.model), "max_length": cfg.data.max_length,
+                       "sampler": ev.sampler}}
 
 
 ROWS = (  # (label, key) in the Markdown table
