@@ -243,10 +243,13 @@ class Evaluator:
         self.sampler = self.e.sampler_for(m.arch)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those)."""
         from mdu_dist.distributed import device
 
-        return self.stage(ids.to(device())).float()
+        if positions is not None:
+            positions = positions.to(device())
+        return self.stage(ids.to(device()), positions).float()
 
     def encode(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         from mdu_dist.data import QA, encode_pair
