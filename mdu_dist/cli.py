@@ -86,11 +86,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``eval``: TOFU metrics of ``eval.checkpoint`` on TP local ranks (or under a launcher)."""
+    """``eval``: TOFU metrics of ``eval.checkpoint`` on ``--nproc`` local ranks (TP x DP; or under a launcher)."""
     from mdu_dist.eval.run import main_eval
 
     cfg = load_config(args.config, args.overrides)
-    metrics = main_eval(cfg)
+    metrics = main_eval(cfg, args.nproc)
     shown = {k: v for k, v in metrics.items() if v is not None and not k.endswith("_f1")}
     print("eval finished: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
     print(f"results: {cfg.eval.output_dir}/eval.json and {cfg.eval.output_dir}/eval.md")
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="TOFU metrics (probability, ROUGE-L, truth ratio, forget quality, model "
                                      "utility) of a checkpoint: eval.json and eval.md")
     ev.add_argument("--config", help="YAML config (default: the built-in defaults)")
+    ev.add_argument("--nproc", type=int, help="local processes when not under a launcher: TP x DP, the work "
+                                             "divided over the DP replicas (default parallel.tensor)")
     ev.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (eval.checkpoint=...)")
     ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="the whole pipeline on CPU: fine-tune, unlearn (MDU and baselines), "

@@ -151,6 +151,7 @@ class Config:
             section.validate()
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
         check_pipeline(self.optim, self.parallel.pipeline)
+        self.eval.check_sampler(self.model.arch)
 
 
 def check_layout(model: ModelConfig, tp: int, pp: int) -> None:

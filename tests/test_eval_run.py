@@ -46,11 +46,18 @@ def checkpoint(tmp_path_factory) -> Path:
     return run / "checkpoints" / "step-1" / "model"
 
 
-def test_eval_writes_claimed_keys_in_range(checkpoint, tmp_path):
-    out = tmp_path / "eval"
+@pytest.fixture(scope="module")
+def single(checkpoint, tmp_path_factory) -> Path:
+    """eval.json of the single-process evaluation: the reference of every other layout."""
+    out = tmp_path_factory.mktemp("eval") / "single"
     _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, f"eval.checkpoint={checkpoint}",
          f"eval.output_dir={out}")
-    result = json.loads((out / "eval.json").read_text())
+    return out / "eval.json"
+
+
+def test_eval_writes_claimed_keys_in_range(checkpoint, single, tmp_path):
+    out = single.parent
+    result = json.loads(single.read_text())
     metrics = result["metrics"]
     assert set(metrics) == KEYS
     assert metrics["forget_quality"] is None  # no retain-model file given
@@ -66,29 +73,45 @@ def test_eval_writes_claimed_keys_in_range(checkpoint, tmp_path):
     assert "| model utility | `model_utility` |" in table and table.count("\n|") >= 14
     assert not list(out.glob(".*.tmp"))  # written by rename
 
-    # Forget quality against a retain-model eval.json (here: this model's own, so the KS p-value is 1); rows are
-    # seeded independently of the limit, so the first two rows of a limit=2 run equal the limit=3 run's.
+    # Rows are seeded independently of the limit, so the first two rows of a limit=2 run equal the limit=3 run's.
     again = tmp_path / "again"
     _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, "eval.limit=2",
          "eval.splits=[forget,retain,real_authors,world_facts]", f"eval.checkpoint={checkpoint.parent.parent.parent}",
-         f"eval.retain_model_eval={out / 'eval.json'}", f"eval.output_dir={again}")
+         f"eval.output_dir={again}")
     second = json.loads((again / "eval.json").read_text())
-    assert 0.0 < second["metrics"]["forget_quality"] <= 1.0
     for split in ("forget", "real_authors"):
         for key in ("answer_nll", "correct_nll", "wrong_nll", "generation"):
             assert second["items"][split][key] == result["items"][split][key][:2], (split, key)
     assert set(MODEL_UTILITY_KEYS) <= set(second["metrics"])
 
 
+def test_data_parallel_equals_single_process_exactly(checkpoint, single, tmp_path):
+    # DP=2: the units are divided over two replicas and gathered; every number must be bitwise the same.
+    # Forget quality against the single run's own eval.json: identical truth ratios, so the KS p-value is 1.
+    out = tmp_path / "dp2"
+    _cli("eval", "--nproc", "2", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL,
+         f"eval.checkpoint={checkpoint}", f"eval.retain_model_eval={single}", f"eval.output_dir={out}")
+    want, got = json.loads(single.read_text()), json.loads((out / "eval.json").read_text())
+    assert got["layout"] == {"tensor": 1, "data": 2} and want["layout"] == {"tensor": 1, "data": 1}
+    assert got["items"] == want["items"]
+    assert got["metrics"]["forget_quality"] == 1.0
+    assert {k: v for k, v in got["metrics"].items() if k != "forget_quality"} == \
+        {k: v for k, v in want["metrics"].items() if k != "forget_quality"}
+    assert all(len(v) == 2 for v in got["seconds"].values())  # each replica's time per split
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval.checkpoint=/nonexistent/ckpt"], "checkpoint directory not found"),
     (["eval.checkpoint=.", "parallel.pipeline=2"], "parallel.pipeline=2 is not supported"),
     (["eval.splits=[forget,bogus]"], "eval.splits"),
+    (["eval.sampler=origin"], "eval.sampler='origin'"),
+    (["eval.checkpoint=CKPT", "eval.limit=2", "eval.retain_model_eval=SINGLE"], "another forget set (3 rows)"),
+    (["eval.gen_length=8", "eval.block_length=3"], "eval.gen_length=8 is not a multiple of block_length=3"),
     (["eval.checkpoint=CKPT", "eval.retain_model_eval=/nonexistent/eval.json"], "retain-model eval file not found"),
 ])
-def test_bad_input_one_line(checkpoint, tmp_path, args, message):
-    args = [a.replace("CKPT", str(checkpoint)) for a in args]
-    proc = _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *args, f"eval.output_dir={tmp_path}",
+def test_bad_input_one_line(checkpoint, single, tmp_path, args, message, options=()):
+    args = [a.replace("CKPT", str(checkpoint)).replace("SINGLE", str(single)) for a in args]
+    proc = _cli("eval", *options, "--config", "configs/llada_tiny.yaml", *TINY, *args, f"eval.output_dir={tmp_path}",
                 check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -96,14 +119,32 @@ def test_bad_input_one_line(checkpoint, tmp_path, args, message):
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_layout_that_does_not_divide_the_world_one_line(checkpoint, single, tmp_path):
+    test_bad_input_one_line(checkpoint, single, tmp_path, [f"eval.checkpoint={checkpoint}", "parallel.tensor=2"],
+                            "world size 3 is not a multiple of parallel.tensor=2", options=("--nproc", "3"))
+
+
+def test_dream_sampler_on_request(checkpoint, tmp_path):
+    # A Dream sampler on a LLaDA checkpoint: no block layout is needed (block_length=3 does not divide 8).
+    out = tmp_path / "entropy"
+    _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, "eval.limit=2", "eval.splits=[forget]",
+         "eval.sampler=entropy", "eval.block_length=3", f"eval.checkpoint={checkpoint}", f"eval.output_dir={out}")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["config"]["sampler"] == "entropy"
+    assert len(result["items"]["forget"]["generation"]) == 2
+
+
 @pytest.mark.slow
-def test_tp2_equals_tp1(checkpoint, tmp_path):
+def test_tp2_dp2_equals_tp2_and_tp2_is_close_to_tp1(checkpoint, single, tmp_path):
     results = {}
-    for tp in (1, 2):
-        out = tmp_path / f"tp{tp}"
-        _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, f"parallel.tensor={tp}",
-             f"eval.checkpoint={checkpoint}", f"eval.output_dir={out}")
-        results[tp] = json.loads((out / "eval.json").read_text())
-    for split, items in results[1]["items"].items():
+    for nproc in (2, 4):  # TP=2 x DP=1, TP=2 x DP=2 (4 CPU processes)
+        out = tmp_path / f"tp2-n{nproc}"
+        _cli("eval", "--nproc", str(nproc), "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL,
+             "parallel.tensor=2", f"eval.checkpoint={checkpoint}", f"eval.output_dir={out}")
+        results[nproc] = json.loads((out / "eval.json").read_text())
+    assert results[4]["layout"] == {"tensor": 2, "data": 2}
+    assert results[4]["items"] == results[2]["items"] and results[4]["metrics"] == results[2]["metrics"]
+    tp1 = json.loads(single.read_text())
+    for split, items in tp1["items"].items():
         for a, b in zip(items["answer_nll"], results[2]["items"][split]["answer_nll"], strict=True):
             assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (split, a, b)

@@ -190,14 +190,17 @@ def test_local_executor_runs_an_eval_job(tmp_path):
          "train.max_steps=1", f"train.output_dir={run}")
     fast = ["eval.limit=2", "eval.num_samples=2", "eval.gen_length=8", "eval.steps=4", "eval.block_length=8",
             "eval.splits=[forget]", "eval.progress=false"]
-    proc = _cli("launch", "--job", "eval", "--config", "configs/llada_tiny.yaml", "--executor", "local", *TINY,
-                *fast, f"eval.checkpoint={run / 'checkpoints' / 'step-1' / 'model'}", f"eval.output_dir={out_dir}")
+    # Two tasks, TP=1: the evaluation runs data-parallel on both.
+    proc = _cli("launch", "--job", "eval", "--config", "configs/llada_tiny.yaml", "--executor", "local",
+                "--tasks-per-node", "2", *TINY, *fast, f"eval.checkpoint={run / 'checkpoints' / 'step-1' / 'model'}",
+                f"eval.output_dir={out_dir}")
     assert re.search(r"^job \d+ finished: .*forget_Q_A_Prob=", proc.stdout, re.M), proc.stdout
-    metrics = json.loads((out_dir / "eval.json").read_text())["metrics"]
-    assert 0.0 < metrics["forget_Q_A_Prob"] < 1.0
+    result = json.loads((out_dir / "eval.json").read_text())
+    assert result["layout"] == {"tensor": 1, "data": 2}
+    assert 0.0 < result["metrics"]["forget_Q_A_Prob"] < 1.0
 
 
-def test_an_eval_job_is_refused_with_data_parallel_ranks(tmp_path, capsys):
-    code, _, err = _launch(capsys, "--job", "eval", "--executor", "local", "--tasks-per-node", "2", *TINY,
-                           f"eval.checkpoint={tmp_path}", f"eval.output_dir={tmp_path / 'eval'}")
-    assert code == 2 and "eval job runs on parallel.tensor=1 ranks" in err, err
+def test_an_eval_job_is_refused_when_tp_does_not_divide_the_tasks(tmp_path, capsys):
+    code, _, err = _launch(capsys, "--job", "eval", "--executor", "local", "--tasks-per-node", "3", *TINY,
+                           "parallel.tensor=2", f"eval.checkpoint={tmp_path}", f"eval.output_dir={tmp_path / 'eval'}")
+    assert code == 2 and "is not a multiple of" in err and "parallel.tensor=2" in err, err

@@ -31,6 +31,10 @@ def logits_fn(ids: torch.Tensor) -> torch.Tensor:
     return dense_forward(CFG, WEIGHTS, ids)
 
 
+def masked_logits_fn(ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return logits_fn(ids)[positions]
+
+
 def any_order_nll(prompt: torch.Tensor, answer: torch.Tensor) -> float:
     """E over the L! decoding orders of sum_k -log p(r_order(k) | prompt, earlier ones visible, rest masked).
 
@@ -63,7 +67,7 @@ def all_masks(length: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_expectation_by_enumeration_equals_any_order_nll():
     masks, probs = all_masks(len(ANSWER))
-    scores = score_masks(logits_fn, PROMPT, ANSWER, masks, mask_token_id=MASK, vocab_size=CFG.vocab_size)
+    scores = score_masks(masked_logits_fn, PROMPT, ANSWER, masks, mask_token_id=MASK, vocab_size=CFG.vocab_size)
     exact = any_order_nll(PROMPT, ANSWER)
     assert (probs * scores).sum().item() == pytest.approx(exact, rel=1e-12)
     # The model is context-sensitive enough that a wrong weighting would show: the scores spread widely.
@@ -72,7 +76,7 @@ def test_expectation_by_enumeration_equals_any_order_nll():
 
 def test_monte_carlo_mean_converges_to_the_exact_expectation():
     exact = any_order_nll(PROMPT, ANSWER) / len(ANSWER)
-    est = answer_elbo(logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
+    est = answer_elbo(masked_logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
                       generator=torch.Generator().manual_seed(0), num_samples=8000, batch_size=2000)
     assert est.stderr < 0.01 * exact
     assert abs(est.nll - exact) < 4 * est.stderr
@@ -91,7 +95,7 @@ def test_sampling_law_is_uniform_l_then_uniform_subset():
 
 def test_single_token_answer_is_exact():
     answer = torch.tensor([5])
-    est = answer_elbo(logits_fn, PROMPT, answer, mask_token_id=MASK, vocab_size=CFG.vocab_size,
+    est = answer_elbo(masked_logits_fn, PROMPT, answer, mask_token_id=MASK, vocab_size=CFG.vocab_size,
                       generator=torch.Generator().manual_seed(2), num_samples=8)
     ids = torch.cat([PROMPT, torch.tensor([MASK])])[None]
     expected = -torch.log_softmax(logits_fn(ids)[0, -1], dim=-1)[5].item()
@@ -101,9 +105,10 @@ def test_single_token_answer_is_exact():
 def test_prompt_is_never_masked_and_exactly_l_answer_tokens_are():
     seen = []
 
-    def recording(ids):
+    def recording(ids, positions):
         seen.append(ids.clone())
-        return logits_fn(ids)
+        assert torch.equal(positions, ids == MASK)  # the output layer runs at the masked positions only
+        return masked_logits_fn(ids, positions)
 
     masks = sample_masks(len(ANSWER), 64, torch.Generator().manual_seed(3))
     score_masks(recording, PROMPT, ANSWER, masks, mask_token_id=MASK, vocab_size=CFG.vocab_size, batch_size=16)
@@ -116,7 +121,7 @@ def test_prompt_is_never_masked_and_exactly_l_answer_tokens_are():
 
 def test_deterministic_given_the_seed_and_independent_of_batch_size():
     def run(seed, batch_size):
-        return answer_elbo(logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
+        return answer_elbo(masked_logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
                            generator=torch.Generator().manual_seed(seed), num_samples=40,
                            batch_size=batch_size).scores
 
@@ -134,8 +139,9 @@ def _tp_scores(seed: int) -> list[float]:
     rank, vocab_local = dist.get_rank(), 4
     start = rank * vocab_local
 
-    def sliced(ids):
-        full = torch.nn.functional.pad(logits_fn(ids), (0, 2 * vocab_local - CFG.vocab_size), value=-math.inf)
+    def sliced(ids, positions):
+        full = torch.nn.functional.pad(masked_logits_fn(ids, positions), (0, 2 * vocab_local - CFG.vocab_size),
+                                       value=-math.inf)
         return full[..., start:start + vocab_local]
 
     est = answer_elbo(sliced, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
@@ -145,7 +151,7 @@ def _tp_scores(seed: int) -> list[float]:
 
 
 def test_vocab_parallel_equals_single_process():
-    single = answer_elbo(logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
+    single = answer_elbo(masked_logits_fn, PROMPT, ANSWER, mask_token_id=MASK, vocab_size=CFG.vocab_size,
                          generator=torch.Generator().manual_seed(11), num_samples=24, batch_size=8).scores
     for scores in run_distributed(_tp_scores, 2, 11):
         assert torch.allclose(torch.tensor(scores, dtype=torch.float64), single, rtol=1e-12, atol=1e-12)

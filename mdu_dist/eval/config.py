@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from mdu_dist.errors import ConfigError
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
+# How each backbone's authors evaluate it: LLaDA's low-confidence remasking, Dream's diffusion_generate(alg="entropy").
+DEFAULT_SAMPLER = {"llada": "low_confidence", "dream": "entropy"}
+SAMPLERS = ("low_confidence", "entropy", "maskgit_plus", "topk_margin")
 
 
 @dataclass
@@ -27,7 +30,8 @@ class EvalConfig:
     batch_size: int = 32  # ELBO samples per forward
     gen_length: int = 128  # generated tokens for ROUGE
     steps: int = 128  # sampler steps (over the whole generation)
-    block_length: int = 32  # semi-autoregressive block length
+    block_length: int = 32  # semi-autoregressive block length (low_confidence only; Dream's samplers use none)
+    sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream); "" = the backbone's
     gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
     retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
     output_dir: str = "runs/eval"
@@ -43,6 +47,17 @@ class EvalConfig:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
         if self.limit < 0:
             raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+        if self.sampler and self.sampler not in SAMPLERS:
+            raise ConfigError(f"{where}.sampler={self.sampler!r}: must be one of {', '.join(SAMPLERS)} "
+                              f"(or empty for the backbone's own)")
+
+    def sampler_for(self, arch: str) -> str:
+        return self.sampler or DEFAULT_SAMPLER[arch]
+
+    def check_sampler(self, arch: str, where: str = "eval") -> None:
+        """The block layout only constrains LLaDA's semi-autoregressive sampler."""
+        if self.sampler_for(arch) != "low_confidence":
+            return
         if self.gen_length % self.block_length:
             raise ConfigError(f"{where}.gen_length={self.gen_length} is not a multiple of "
                               f"block_length={self.block_length}")

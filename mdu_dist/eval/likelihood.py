@@ -25,6 +25,10 @@ by enumerating every (l, S) and every permutation). With n samples:
 l is drawn i.i.d. uniform per sample. (LLaDA's release spreads l evenly over a batch with rounding, which is
 not exactly uniform when L does not divide evenly; i.i.d. draws keep the estimator exactly unbiased.)
 
+``logits_fn(ids, positions)`` returns the logits at the masked positions only ([N, V_local], positions row-major),
+so the output layer -- at LLaDA's 126k vocabulary the largest matmul of a forward, and [B, S, V] fp32 logits
+the largest buffer -- runs on the l scored tokens of each sample, not on the prompt and the visible answer.
+
 Vocab-parallel: ``logits_fn`` returns this rank's vocab slice [vocab_start, vocab_start + V_local) and the
 cross entropy is reduced over ``group`` (megatron-core's three all-reduces); the full vocabulary is never
 gathered. Every rank of the group must pass a generator with the same seed so that all draw the same masks.
@@ -42,7 +46,8 @@ from torch import Tensor
 
 from mdu_dist.losses.cross_entropy import vocab_parallel_cross_entropy
 
-LogitsFn = Callable[[Tensor], Tensor]
+# (ids [B, S], positions bool [B, S]) -> logits [N, V_local] at the N true positions, in row-major order.
+MaskedLogitsFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ def sample_masks(length: int, num_samples: int, generator: torch.Generator) -> T
 
 
 @torch.no_grad()
-def score_masks(logits_fn: LogitsFn, prompt: Tensor, answer: Tensor, masks: Tensor, *, mask_token_id: int,
+def score_masks(logits_fn: MaskedLogitsFn, prompt: Tensor, answer: Tensor, masks: Tensor, *, mask_token_id: int,
                 vocab_size: int, vocab_start: int = 0, group: dist.ProcessGroup | None = None,
                 batch_size: int = 32) -> Tensor:
     """X = (L / l) Σ_{i∈S} -log p_θ(r_i | p, r_S̄) for each row S of ``masks``; [N] float64.
@@ -100,9 +105,10 @@ def score_masks(logits_fn: LogitsFn, prompt: Tensor, answer: Tensor, masks: Tens
         rows = chunk.shape[0]
         noisy = answer.expand(rows, n_answer).masked_fill(chunk, mask_token_id)
         ids = torch.cat([prompt.expand(rows, n_prompt), noisy], dim=1)
-        logits = logits_fn(ids)[:, n_prompt:]  # [rows, L, V_local]; only the masked positions are scored
+        positions = torch.cat([chunk.new_zeros(rows, n_prompt), chunk], dim=1)
+        logits = logits_fn(ids, positions)  # [chunk.sum(), V_local]
         # fp32 cross entropy (fp64 for fp64 logits), reduced over the vocab-parallel group.
-        nll = vocab_parallel_cross_entropy(logits[chunk], answer.expand(rows, n_answer)[chunk], group,
+        nll = vocab_parallel_cross_entropy(logits, answer.expand(rows, n_answer)[chunk], group,
                                            vocab_start=vocab_start, vocab_size=vocab_size)
         row_of = chunk.nonzero()[:, 0]
         total = torch.zeros(rows, dtype=torch.float64, device=nll.device).index_add_(0, row_of, nll.double())
@@ -110,7 +116,7 @@ def score_masks(logits_fn: LogitsFn, prompt: Tensor, answer: Tensor, masks: Tens
     return torch.cat(scores).cpu()
 
 
-def answer_elbo(logits_fn: LogitsFn, prompt: Tensor, answer: Tensor, *, mask_token_id: int, vocab_size: int,
+def answer_elbo(logits_fn: MaskedLogitsFn, prompt: Tensor, answer: Tensor, *, mask_token_id: int, vocab_size: int,
                 generator: torch.Generator, num_samples: int = 128, batch_size: int = 32, vocab_start: int = 0,
                 group: dist.ProcessGroup | None = None) -> ElboEstimate:
     """LLaDA's Monte-Carlo estimate of the answer's negative ELBO, from ``num_samples`` (l, S) draws.

@@ -127,22 +127,29 @@ def check_inputs(cfg) -> None:
     check_checkpoint(ckpt, cfg.model, "eval.checkpoint")
     tokenizer_dir = resolve_tokenizer(cfg, ckpt)
     check_tokenizer_fits(load_tokenizer(tokenizer_dir), tokenizer_dir, cfg.model.vocab_size)
-    for split in cfg.eval.splits:
-        split_items(cfg, split)
+    items = {split: split_items(cfg, split) for split in cfg.eval.splits}
     if cfg.eval.retain_model_eval:
-        retain_model_truth_ratios(cfg.eval.retain_model_eval)
+        retain_model_truth_ratios(cfg.eval.retain_model_eval, items.get("forget"))
 
 
-def retain_model_truth_ratios(path: str) -> list[float]:
+def retain_model_truth_ratios(path: str, forget: list[Item] | None = None) -> list[float]:
+    """The retain-only model's per-item forget truth ratios; with ``forget``, refused unless it scored the same
+    forget questions (a KS test against another forget set would compare unrelated populations)."""
     from mdu_dist.data import DataError
 
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: retain-model eval file not found (eval.retain_model_eval)")
     try:
-        return [float(x) for x in json.loads(p.read_text())["items"]["forget"]["truth_ratio"]]
+        scored = json.loads(p.read_text())["items"]["forget"]
+        ratios, questions = [float(x) for x in scored["truth_ratio"]], list(scored["question"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise DataError(f"{p}: not an eval.json with items.forget.truth_ratio") from None
+    if forget is not None and questions != [it.question for it in forget]:
+        raise DataError(f"{p}: the retain model was evaluated on another forget set ({len(questions)} rows) than "
+                        f"this run's eval.forget ({len(forget)} rows): evaluate it with the same eval.forget "
+                        f"and eval.limit (eval.retain_model_eval)")
+    return ratios
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -187,12 +194,16 @@ class Evaluator:
         if self.tok.eos_token_id is not None:
             stops.add(self.tok.eos_token_id)
         self.stops = stops
+        self.sampler = self.e.sampler_for(m.arch)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those)."""
         from mdu_dist.distributed import device
 
-        return self.stage(ids.to(device())).float()
+        if positions is not None:
+            positions = positions.to(device())
+        return self.stage(ids.to(device()), positions).float()
 
     def encode(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
         from mdu_dist.data import QA, encode_pair
@@ -203,92 +214,169 @@ class Evaluator:
             raise ConfigError(f"data.max_length={self.cfg.data.max_length} leaves no answer token: {question[:60]!r}")
         return ids[:n_prompt], ids[n_prompt:]
 
-    def nll(self, split: str, row: int, which: str, question: str, answer: str) -> float:
+    def nll(self, split: str, row: int, which: str, prompt: torch.Tensor, answer: torch.Tensor) -> float:
         from mdu_dist.eval.likelihood import answer_elbo
 
-        prompt, ans = self.encode(question, answer)
-        est = answer_elbo(self.logits, prompt, ans, mask_token_id=self.cfg.model.mask_token_id,
+        est = answer_elbo(self.logits, prompt, answer, mask_token_id=self.cfg.model.mask_token_id,
                           vocab_size=self.cfg.model.vocab_size, generator=_seed(self.e.seed, split, row, which),
                           num_samples=self.e.num_samples, batch_size=self.e.batch_size,
                           vocab_start=self.stage.vocab_start, group=self.group)
         return est.nll
 
-    def generate(self, questions: list[str], desc: str) -> list[str]:
-        from tqdm import tqdm
-
+    def prompt_ids(self, question: str) -> list[int]:
         from mdu_dist.data import QA, encode_pair
-        from mdu_dist.eval.sampler import generate
 
-        prompts = [encode_pair(self.tok, QA(q, "x"), self.cfg.data.max_length) for q in questions]
-        prompts = [ids[:n] for ids, n in prompts]
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
-        batches = [rows[i: i + self.e.gen_batch_size] for rows in by_length.values()
-                   for i in range(0, len(rows), self.e.gen_batch_size)]
-        out: list[str] = [""] * len(questions)
-        for rows in tqdm(batches, desc=desc, disable=not self.show, leave=False):
-            prompt = torch.tensor([prompts[i] for i in rows], dtype=torch.long)
-            tokens = generate(self.logits, prompt, gen_length=self.e.gen_length, steps=self.e.steps,
-                              block_length=self.e.block_length, mask_token_id=self.cfg.model.mask_token_id,
-                              vocab_size=self.cfg.model.vocab_size, temperature=0.0,
-                              vocab_start=self.stage.vocab_start, group=self.group).cpu().tolist()
-            for i, seq in zip(rows, tokens):
-                cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))
-                out[i] = self.tok.decode(seq[:cut], skip_special_tokens=True).strip()
+        ids, n_prompt = encode_pair(self.tok, QA(question, "x"), self.cfg.data.max_length)
+        return ids[:n_prompt]
+
+    def generate(self, prompts: list[list[int]]) -> list[str]:
+        """Greedy generations of equal-length ``prompts``, one batch, cut at the first stop token and decoded."""
+        from mdu_dist.eval.sampler import dream_generate, generate
+
+        prompt = torch.tensor(prompts, dtype=torch.long)
+        common = dict(gen_length=self.e.gen_length, steps=self.e.steps, mask_token_id=self.cfg.model.mask_token_id,
+                      vocab_size=self.cfg.model.vocab_size, vocab_start=self.stage.vocab_start, group=self.group)
+        if self.sampler == "low_confidence":
+            tokens = generate(self.logits, prompt, block_length=self.e.block_length, **common)
+        else:
+            tokens = dream_generate(self.logits, prompt, alg=self.sampler, **common)
+        out = []
+        for seq in tokens.cpu().tolist():
+            cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))
+            out.append(self.tok.decode(seq[:cut], skip_special_tokens=True).strip())
         return out
 
-    def split(self, split: str, items: list[Item]) -> tuple[dict[str, float], dict[str, list]]:
-        from tqdm import tqdm
+    def units(self, split: str, items: list[Item]) -> list[Unit]:
+        """The split's work: one unit per (row, answer) ELBO and one per generation batch.
 
-        from mdu_dist.eval import metrics as M
+        Generation batches hold rows of equal prompt length, ``eval.gen_batch_size`` at most, formed before any
+        work is divided, so a row is generated in the same batch whatever the DP size (bitwise-equal results).
+        """
+        e = self.e
+        units = []
+        for row, it in enumerate(items):
+            answers = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
+            answers += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
+            for which, answer in answers:
+                prompt, ans = self.encode(it.question, answer)
+                units.append(Unit(("nll", split, row, which), e.num_samples * (len(prompt) + len(ans)),
+                                  (prompt, ans)))
+        prompts = [self.prompt_ids(it.question) for it in items]
+        by_length: dict[int, list[int]] = {}
+        for row, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(row)
+        batches = [rows[i: i + e.gen_batch_size] for rows in by_length.values()
+                   for i in range(0, len(rows), e.gen_batch_size)]
+        for b, rows in enumerate(batches):
+            units.append(Unit(("gen", split, b), e.steps * len(rows) * (len(prompts[rows[0]]) + e.gen_length),
+                              (tuple(rows), [prompts[r] for r in rows])))
+        return units
 
-        answer_nll, correct_nll, wrong_nll = [], [], []
-        for i, it in enumerate(tqdm(items, desc=f"{split}: ELBO", disable=not self.show, leave=False)):
-            a = self.nll(split, i, "answer", it.question, it.answer)
-            answer_nll.append(a)
-            correct_nll.append(a if it.correct == it.answer else self.nll(split, i, "correct", it.question, it.correct))
-            wrong_nll.append([self.nll(split, i, f"wrong{j}", it.question, w) for j, w in enumerate(it.wrong)])
-        k = min(len(w) for w in wrong_nll)
-        wrong = [w[:k] for w in wrong_nll]  # open-unlearning stacks the options: equal counts
-        generations = self.generate([it.question for it in items], f"{split}: generate")
-        rouge = [M.rouge_l(g, it.answer) for g, it in zip(generations, items)]
-        tr = M.truth_ratios(correct_nll, wrong)
-        p = PREFIX[split]
-        out = {f"{p}_Q_A_ROUGE": float(sum(r.recall for r in rouge) / len(rouge)),
-               f"{p}_Q_A_ROUGE_f1": float(sum(r.fmeasure for r in rouge) / len(rouge))}
-        if split in ("real_authors", "world_facts"):
-            out[f"{p}_Q_A_Prob_normalised"] = M.normalised_probability(answer_nll, wrong)
-            out[f"{p}_Q_A_Prob"] = M.probability(answer_nll)
-            out[f"{p}_Truth_Ratio"] = M.utility_truth_ratio(tr)
-        elif split == "retain":
-            out["retain_Q_A_Prob"] = M.probability(answer_nll)
-            out["retain_Truth_Ratio"] = M.utility_truth_ratio(tr)
-        else:
-            out["forget_Q_A_Prob"] = M.probability(answer_nll)
-            out["forget_truth_ratio"] = M.forget_truth_ratio(tr)
-        per_item = {"question": [it.question for it in items], "answer": [it.answer for it in items],
-                    "generation": generations, "rouge_recall": [r.recall for r in rouge],
-                    "answer_nll": answer_nll, "correct_nll": correct_nll, "wrong_nll": wrong,
-                    "truth_ratio": [float(x) for x in tr]}
-        return out, per_item
+    def run_unit(self, unit: Unit):
+        kind, split, index, *rest = unit.key
+        if kind == "nll":
+            return self.nll(split, index, rest[0], *unit.payload)
+        rows, prompts = unit.payload
+        return dict(zip(rows, self.generate(prompts), strict=True))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of evaluation work: its result key, its cost in token-forwards, what it needs."""
+
+    key: tuple
+    cost: int
+    payload: tuple
+
+
+def assign(units: list[Unit], replicas: int) -> list[list[Unit]]:
+    """Static balanced split of ``units`` over ``replicas``: longest first, each to the least-loaded replica
+    (lowest index on a tie). Deterministic, so every rank computes the same assignment without talking.
+    Each replica then runs its units in their original order."""
+    load = [0] * replicas
+    owner = {}
+    for i in sorted(range(len(units)), key=lambda i: (-units[i].cost, i)):
+        r = min(range(replicas), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += units[i].cost
+    return [[u for i, u in enumerate(units) if owner[i] == r] for r in range(replicas)]
+
+
+def split_numbers(split: str, items: list[Item], results: dict) -> tuple[dict[str, float], dict[str, list]]:
+    """The split's metrics and per-item numbers from the gathered unit ``results``."""
+    from mdu_dist.eval import metrics as M
+
+    answer_nll = [results["nll", split, i, "answer"] for i in range(len(items))]
+    correct_nll = [a if it.correct == it.answer else results["nll", split, i, "correct"]
+                   for i, (a, it) in enumerate(zip(answer_nll, items))]
+    wrong_nll = [[results["nll", split, i, f"wrong{j}"] for j in range(len(it.wrong))] for i, it in enumerate(items)]
+    k = min(len(w) for w in wrong_nll)
+    wrong = [w[:k] for w in wrong_nll]  # open-unlearning stacks the options: equal counts
+    generated: dict[int, str] = {}
+    for key, value in results.items():
+        if key[0] == "gen" and key[1] == split:
+            generated.update(value)
+    generations = [generated[i] for i in range(len(items))]
+    rouge = [M.rouge_l(g, it.answer) for g, it in zip(generations, items)]
+    tr = M.truth_ratios(correct_nll, wrong)
+    p = PREFIX[split]
+    out = {f"{p}_Q_A_ROUGE": float(sum(r.recall for r in rouge) / len(rouge)),
+           f"{p}_Q_A_ROUGE_f1": float(sum(r.fmeasure for r in rouge) / len(rouge))}
+    if split in ("real_authors", "world_facts"):
+        out[f"{p}_Q_A_Prob_normalised"] = M.normalised_probability(answer_nll, wrong)
+        out[f"{p}_Q_A_Prob"] = M.probability(answer_nll)
+        out[f"{p}_Truth_Ratio"] = M.utility_truth_ratio(tr)
+    elif split == "retain":
+        out["retain_Q_A_Prob"] = M.probability(answer_nll)
+        out["retain_Truth_Ratio"] = M.utility_truth_ratio(tr)
+    else:
+        out["forget_Q_A_Prob"] = M.probability(answer_nll)
+        out["forget_truth_ratio"] = M.forget_truth_ratio(tr)
+    per_item = {"question": [it.question for it in items], "answer": [it.answer for it in items],
+                "generation": generations, "rouge_recall": [r.recall for r in rouge],
+                "answer_nll": answer_nll, "correct_nll": correct_nll, "wrong_nll": wrong,
+                "truth_ratio": [float(x) for x in tr]}
+    return out, per_item
 
 
 def evaluate(cfg) -> dict:
-    """Collective over the TP ranks of an initialised process group: every split, the aggregate numbers."""
+    """Collective over every rank (TP x DP) of an initialised process group: every split, the aggregate numbers.
+
+    Each split's units are divided over the DP replicas (``assign``); the TP ranks of a replica compute its units
+    together; the results are all-gathered over the DP group, so every rank ends with every number.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
     from mdu_dist.eval import metrics as M
 
     e = cfg.eval
     ckpt, kind = resolve_checkpoint(e.checkpoint)
     ev = Evaluator(cfg, ckpt, kind, resolve_tokenizer(cfg, ckpt))
+    replicas, replica = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    rows_by_split = {split: split_items(cfg, split) for split in e.splits}
+    local: dict[tuple, object] = {}
+    busy: dict[str, float] = {}
+    for split, items in rows_by_split.items():
+        start = time.perf_counter()
+        mine = assign(ev.units(split, items), replicas)[replica]
+        desc = f"{split}" + (f" (replica 0 of {replicas})" if replicas > 1 else "")
+        # The bar counts token-forwards, so its ETA weighs a long generation batch above a short ELBO.
+        with tqdm(total=sum(u.cost for u in mine), desc=desc, unit="tok", unit_scale=True, disable=not ev.show,
+                  leave=False) as bar:
+            for unit in mine:
+                local[unit.key] = ev.run_unit(unit)
+                bar.update(unit.cost)
+        busy[split] = round(time.perf_counter() - start, 2)
+    gathered: list = [None] * replicas
+    dist.all_gather_object(gathered, (local, busy), group=ps.get_data_parallel_group())
+    results = {k: v for part, _ in gathered for k, v in part.items()}
     metrics: dict[str, float | None] = {}
     items: dict[str, dict] = {}
-    timing: dict[str, float] = {}
-    for split in e.splits:
-        start = time.perf_counter()
-        numbers, items[split] = ev.split(split, split_items(cfg, split))
+    for split, rows in rows_by_split.items():
+        numbers, items[split] = split_numbers(split, rows, results)
         metrics.update(numbers)
-        timing[split] = round(time.perf_counter() - start, 2)
     metrics["forget_quality"] = None
     if e.retain_model_eval and "forget" in items:
         metrics["forget_quality"] = M.forget_quality(items["forget"]["truth_ratio"],
@@ -296,8 +384,12 @@ def evaluate(cfg) -> dict:
     metrics["model_utility"] = (M.model_utility({k: metrics[k] for k in M.MODEL_UTILITY_KEYS})
                                 if all(k in metrics for k in M.MODEL_UTILITY_KEYS)
                                 else None)
-    return {"checkpoint": str(ckpt), "metrics": metrics, "items": items, "seconds": timing,
-            "config": {"eval": asdict(e), "model": asdict(cfg.model), "max_length": cfg.data.max_length}}
+    # Seconds each replica spent on each split (the slowest replica sets the wall time).
+    seconds = {split: [b[split] for _, b in gathered] for split in rows_by_split}
+    return {"checkpoint": str(ckpt), "metrics": metrics, "items": items, "seconds": seconds,
+            "layout": {"tensor": cfg.parallel.tensor, "data": replicas},
+            "config": {"eval": asdict(e), "model": asdict(cfg.model), "max_length": cfg.data.max_length,
+                       "sampler": ev.sampler}}
 
 
 ROWS = (  # (label, key) in the Markdown table
@@ -353,9 +445,13 @@ def run_eval(cfg) -> dict:
         distributed.shutdown()
 
 
-def main_eval(cfg) -> dict:
-    """``mdu-dist eval`` from a parent process: validated inputs, then TP local ranks (or this launcher rank)."""
-    from mdu_dist.launch.local import run_ranks
+def main_eval(cfg, nproc: int | None = None) -> dict:
+    """``mdu-dist eval`` from a parent process: validated inputs, then ``nproc`` local ranks (default TP; TP x DP)
+    or this launcher's ranks."""
+    from mdu_dist.distributed import resolve_layout
+    from mdu_dist.launch.local import launched_world_size, run_ranks
 
+    world = nproc or launched_world_size() or cfg.parallel.tensor
     check_inputs(cfg)
-    return run_ranks(run_eval, cfg.parallel.tensor, cfg)[0]
+    resolve_layout(world, cfg.parallel, cfg.model)
+    return run_ranks(run_eval, world, cfg)[0]

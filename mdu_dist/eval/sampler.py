@@ -21,6 +21,19 @@ logit (SUM, from the rank that owns it) and the row's logsumexp (MAX, then SUM o
 cross ranks; every rank ends with the same tokens. For T > 0 every rank draws the same full-vocabulary Gumbel
 noise for the block (same generator seed) and keeps its slice, so the result equals the single-process one.
 Pipeline parallelism is the caller's: ``logits_fn`` must return the logits on every rank that runs the sampler.
+
+Dream's samplers (``dream_generate``, its ``diffusion_generate`` with ``alg`` = maskgit_plus | topk_margin |
+entropy and alg_temp = 0) decode the whole canvas at once, no blocks, over timesteps t_i = linspace(1, eps, steps + 1):
+at step i every still-masked position draws tokens_i = argmax_v(z_iv / T + g_iv) (greedy at T = 0) and scores it
+
+    maskgit_plus   confidence_i = p_i(tokens_i)                    p = softmax(z / T), softmax(z) at T = 0
+    topk_margin    confidence_i = p_i(top1) - p_i(top2)
+    entropy        confidence_i = sum_v p_iv log p_iv              (minus the entropy: the sharpest goes first)
+
+and the k = floor(M (1 - t_{i+1} / t_i)) most confident of the M masked positions are transferred (all that are
+left at the last step). Dream counts M over the whole batch; here it is per row, which is the same for one row
+and makes a row's tokens independent of its batch. Vocab-parallel, the margin needs each row's two largest
+logits (MAX all-reduces, ties across ranks counted by a SUM) and the entropy the SUM of exp(z - max) z.
 """
 
 from __future__ import annotations
@@ -89,6 +102,11 @@ def gumbel_noise(shape: tuple[int, ...], temperature: float, *, vocab_start: int
     return torch.nn.functional.pad(local, (0, vocab_local - local.shape[-1]))
 
 
+def _check_temperature(temperature: float, generator: torch.Generator | None) -> None:
+    if temperature < 0 or (temperature > 0 and generator is None):
+        raise ValueError(f"temperature={temperature}: must be >= 0, and > 0 needs a generator")
+
+
 @torch.no_grad()
 def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int, block_length: int,
              mask_token_id: int, vocab_size: int, temperature: float = 0.0,
@@ -105,8 +123,7 @@ def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps={steps} is not a multiple of the number of blocks ({num_blocks})")
-    if temperature < 0 or (temperature > 0 and generator is None):
-        raise ValueError(f"temperature={temperature}: must be >= 0, and > 0 needs a generator")
+    _check_temperature(temperature, generator)
     steps_per_block = steps // num_blocks
     batch, n_prompt = prompt.shape
     x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_token_id)], dim=1)
@@ -127,12 +144,84 @@ def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int
                                      vocab_local=vocab_local, vocab_size=vocab_size,
                                      generator=generator).to(z.device)
             tokens, confidence = choose_tokens(z, noise, vocab_start=vocab_start, group=group)
-            tokens, confidence = tokens.view(batch, block_length), confidence.view(batch, block_length)
-            still_masked = x[:, lo:hi] == mask_token_id
-            confidence = confidence.masked_fill(~still_masked, float("-inf"))
-            # Rank the positions by confidence (stable: the leftmost wins a tie) and unmask the first k per row.
-            order = confidence.argsort(dim=1, descending=True, stable=True)
-            rank = order.argsort(dim=1)
-            transfer = rank < k[:, None].to(rank.device)
-            x[:, lo:hi] = torch.where(transfer, tokens.to(x.device), x[:, lo:hi])
+            x[:, lo:hi] = transfer_most_confident(x[:, lo:hi], tokens.view(batch, block_length),
+                                                  confidence.view(batch, block_length), k, mask_token_id)
+    return x[:, n_prompt:]
+
+
+def transfer_most_confident(x: Tensor, tokens: Tensor, confidence: Tensor, k: Tensor, mask_token_id: int) -> Tensor:
+    """x [B, L] with its k[b] most confident still-masked positions set to their tokens (the leftmost wins a tie)."""
+    still_masked = x == mask_token_id
+    confidence = confidence.masked_fill(~still_masked, float("-inf"))
+    rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+    transfer = rank < k[:, None].to(rank.device)
+    return torch.where(transfer, tokens.to(x.device), x)
+
+
+DREAM_ALGS = ("maskgit_plus", "topk_margin", "entropy")
+
+
+def top2_margin(logits: Tensor, *, group: dist.ProcessGroup | None = None) -> Tensor:
+    """p(top1) - p(top2) per row of [N, V_local] logits, p the softmax over the whole (vocab-parallel) row."""
+    local = logits.topk(min(2, logits.shape[-1]), dim=-1).values
+    first_local = local[:, 0]
+    second_local = local[:, 1] if local.shape[-1] > 1 else torch.full_like(first_local, float("-inf"))
+    first = _all_reduce(first_local.clone(), dist.ReduceOp.MAX, group)
+    holds_first = first_local == first
+    # The runner-up is the best value besides one copy of the maximum; a maximum held on two ranks is its own.
+    second = _all_reduce(torch.where(holds_first, second_local, first_local), dist.ReduceOp.MAX, group)
+    copies = _all_reduce(holds_first.to(logits.dtype), dist.ReduceOp.SUM, group)
+    second = torch.where(copies > 1, first, second)
+    sum_exp = _all_reduce((logits - first[:, None]).exp().sum(dim=-1), dist.ReduceOp.SUM, group)
+    return (1 - (second - first).exp()) / sum_exp
+
+
+def negative_entropy(logits: Tensor, *, group: dist.ProcessGroup | None = None) -> Tensor:
+    """sum_v p_v log p_v per row of [N, V_local] logits (-inf columns contribute 0), vocab-parallel."""
+    row_max = _all_reduce(logits.max(dim=-1).values, dist.ReduceOp.MAX, group)
+    shifted = logits - row_max[:, None]
+    weights = shifted.exp()
+    sum_exp = _all_reduce(weights.sum(dim=-1), dist.ReduceOp.SUM, group)
+    weighted = _all_reduce(torch.where(weights > 0, weights * shifted, 0.0).sum(dim=-1), dist.ReduceOp.SUM, group)
+    return weighted / sum_exp - sum_exp.log()
+
+
+@torch.no_grad()
+def dream_generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int, alg: str,
+                   mask_token_id: int, vocab_size: int, temperature: float = 0.0, eps: float = 1e-3,
+                   generator: torch.Generator | None = None, vocab_start: int = 0,
+                   group: dist.ProcessGroup | None = None) -> Tensor:
+    """Generate ``gen_length`` tokens after ``prompt`` [B, P] with Dream's ``alg`` (module docstring)."""
+    if alg not in DREAM_ALGS:
+        raise ValueError(f"alg={alg!r}: must be one of {', '.join(DREAM_ALGS)}")
+    _check_temperature(temperature, generator)
+    if not 0 < eps < 1:
+        raise ValueError(f"eps={eps}: must be in (0, 1)")
+    batch, n_prompt = prompt.shape
+    x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_token_id)], dim=1)
+    timesteps = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    for step in range(steps):
+        masked = (x[:, n_prompt:] == mask_token_id).sum(dim=1)
+        if step < steps - 1:
+            k = (masked.double() * (1 - timesteps[step + 1] / timesteps[step])).floor().long()
+        else:
+            k = masked
+        if int(k.max()) == 0:
+            continue  # Dream's loop still runs the forward here, but a step that unmasks nothing leaves x as it is.
+        logits = logits_fn(x)[:, n_prompt:]
+        vocab_local = logits.shape[-1]
+        z = candidate_logits(logits.reshape(-1, vocab_local), mask_token_id=mask_token_id,
+                             vocab_start=vocab_start, vocab_size=vocab_size)
+        noise = None
+        if temperature > 0:
+            z = z / temperature
+            noise = gumbel_noise((batch * gen_length,), 1.0, vocab_start=vocab_start, vocab_local=vocab_local,
+                                 vocab_size=vocab_size, generator=generator).to(z.device)
+        tokens, confidence = choose_tokens(z, noise, vocab_start=vocab_start, group=group)
+        if alg == "topk_margin":
+            confidence = top2_margin(z, group=group)
+        elif alg == "entropy":
+            confidence = negative_entropy(z, group=group)
+        x[:, n_prompt:] = transfer_most_confident(x[:, n_prompt:], tokens.view(batch, gen_length),
+                                                  confidence.view(batch, gen_length), k, mask_token_id)
     return x[:, n_prompt:]

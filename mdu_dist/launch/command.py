@@ -38,9 +38,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
     base = _overrides(args)
     first = load_config(args.config, base)
     plan = plan_for(first)  # the launch section is not swept: one plan and one executor serve all points
-    if args.job == "eval" and plan.world_size != first.parallel.tensor:
-        raise ConfigError(f"launch: an eval job runs on parallel.tensor={first.parallel.tensor} ranks (no data "
-                          f"parallelism), but nodes x tasks_per_node = {plan.world_size}: set them to match")
+    if args.job == "eval" and plan.world_size % first.parallel.tensor:
+        raise ConfigError(f"launch: an eval job runs on parallel.tensor={first.parallel.tensor} x DP ranks, but "
+                          f"nodes x tasks_per_node = {plan.world_size} is not a multiple of it")
     points = parse_sweep(args.sweep)
     configs = []
     for point in points:
