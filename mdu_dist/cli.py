@@ -103,6 +103,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_demo(args.config, args.overrides, quick=args.quick)
 
 
+# The keys most finetune / unlearn runs set, listed by their --help; every key is in the README's configuration
+# reference.
+TRAIN_KEYS = {
+    "train.init": "an mdu-dist checkpoint (.../model) or an HF directory; '' = random",
+    "train.output_dir": "checkpoints, TensorBoard logs, the trained tokenizer",
+    "train.resume": "auto: continue from the latest complete checkpoint",
+    "parallel.tensor": "tensor-parallel size; divides heads, KV heads, FFN width",
+    "parallel.pipeline": "pipeline-parallel size; divides the layers",
+    "optim.zero_stage": "DeepSpeed ZeRO stage 1, 2 or 3 (PP > 1: 1 only)",
+    "optim.offload_optimizer": "cpu: optimizer state and step on the CPU",
+}
+UNLEARN_KEYS = {
+    "method.name": "mdu, ga, graddiff, npo, simnpo, wga or dpo",
+    "method.tau": "MDU target softmax(tau x anchor logits); 0 uniform, 1 raw anchor",
+}
+
+
+def key_help(keys: dict[str, str]) -> str:
+    """The --help epilog: one line per key: name, default, meaning."""
+    from mdu_dist.config import Config
+
+    defaults = Config()
+    lines = [f"  {key:<24} {getattr(getattr(defaults, key.split('.')[0]), key.split('.')[1])!r:<11} {text}"
+             for key, text in keys.items()]
+    return "\n".join(["most used keys (key=value; default; every key: README.md, section Configuration):",
+                      *lines])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mdu-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     for job, text in (("finetune", "teach a backbone a dataset with the masked-diffusion SFT loss"),
                       ("unlearn", "unlearn the forget set with MDU or a baseline (method.name)")):
-        p = sub.add_parser(job, help=text)
+        keys = {**TRAIN_KEYS, **(UNLEARN_KEYS if job == "unlearn" else {})}
+        p = sub.add_parser(job, help=text, description=text, epilog=key_help(keys),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config (default: the built-in defaults)")
         p.add_argument("--nproc", type=int, help="local processes when not under a launcher (default TP x PP)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
