@@ -1,27 +1,36 @@
-"""``mdu-dist demo``: the whole MDU pipeline on CPU with a tiny LLaDA-shaped model, in one command.
+"""``mdu-dist demo``: the whole MDU pipeline on CPU with a tiny LLaDA-shaped model, shaped like the real one.
 
-1. Data (written under ``<output_dir>/data``): the first ``forget_rows`` rows of TOFU forget10 (the forget set),
-   the first ``retain_rows`` rows of retain90 (the retain set) and the first ``general_rows`` rows of real_authors
-   and of world_facts as question/answer pairs. A tiny model has no pre-training, so the general rows stand in
-   for the world knowledge an 8B model brings: they are taught in both fine-tunes and never unlearned, and the
-   real_authors / world_facts metrics then measure whether unlearning damaged them.
-2. Fine-tune the tiny model (random init) on forget + retain + general rows ("finetuned"), and a retain-only
-   twin on retain + general rows with the same recipe and tokenizer ("retain-only", the forget-quality reference).
-3. Unlearn the forget set from the fine-tuned checkpoint with MDU (one run per tau in ``taus``) and the baselines
-   in ``methods`` (GA, GradDiff, NPO by default), same steps and learning rate.
-4. Evaluate every model (``mdu-dist eval``'s code) on the first ``eval_rows`` forget and retain rows and on the
-   ``general_rows`` real_authors / world_facts rows it was taught; forget quality against the retain-only twin.
-5. ``results.json``, ``results.md`` (the table), ``loss_curves.png`` (forget/retain loss per unlearning run, from
-   the TensorBoard events), ``forget_vs_utility.png`` (per method and tau); TensorBoard logs under each run.
+1. Data (written under ``<output_dir>/data``): the first ``pretrain_rows`` rows of TOFU real_authors and of
+   world_facts (the "pre-training corpus": general knowledge that no later stage touches), the first
+   ``forget_rows`` rows of forget10 (the forget set) and the first ``retain_rows`` rows of retain90 (the retain
+   set). One BPE tokenizer is trained on all of it, as a backbone's tokenizer is on its whole corpus.
+2. Pre-train the tiny model from random init on the general rows ("pretrained", the stand-in for a backbone
+   such as LLaDA-8B), then fine-tune it on forget + retain ("finetuned", TOFU's fine-tuned model) and, from the
+   same pre-trained weights with the same recipe, on retain only ("retain-only", the forget-quality reference).
+3. For every seed in ``seeds``: unlearn the forget set from the fine-tuned checkpoint with MDU (one run per tau
+   in ``taus``) and the baselines in ``methods`` (same steps and learning rate), then evaluate every model
+   (``mdu-dist eval``'s code, ``eval.seed`` = the seed) on the first ``eval_rows`` forget / retain rows and the
+   first ``general_rows`` real_authors / world_facts rows; forget quality against that seed's twin evaluation.
+   The three fine-tunes are shared by all seeds (seeded by ``seed``): a seed changes the unlearning's data
+   order, retain pairing and diffusion masks, and the evaluation's ELBO samples.
+4. ``results.json`` (per seed, mean and standard deviation; paths relative to ``output_dir``, no timings, so two
+   runs on one machine give identical bytes), ``results.md`` (the mean ± std table and the checks of what the
+   demo must show), ``run_info.json`` (timings, machine), ``loss_curves.png`` and ``forget_vs_utility.png``
+   (every seed).
 
-Everything runs in one process (one gloo rank): the libraries load once.
+Numerics are pinned (``threads``, ``cpu_isa``; see ``numerics_env``) so that the same settings give the same
+bits on any x86-64 machine with AVX2, not only on the one that ran them. Everything runs in one process (one
+gloo rank): the libraries load once.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,9 +39,18 @@ from mdu_dist.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
-# A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation.
-QUICK = ["forget_rows=8", "retain_rows=8", "general_rows=4", "eval_rows=3", "batch_size=4", "finetune_epochs=1",
-         "unlearn_epochs=1", "num_samples=2", "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]"]
+# A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
+QUICK = ["pretrain_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4", "eval_rows=3", "batch_size=4",
+         "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2", "gen_length=8", "steps=4",
+         "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
+
+# cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA): one instruction set for ATen's vectorised
+# kernels, MKL's BLAS (conditional numerical reproducibility) and oneDNN, instead of whatever each library
+# detects on the host (AVX-512 on one machine, AVX2 on another: different summation orders, different bits).
+CPU_ISAS = {"avx2": ("avx2", "AVX2", "AVX2"), "default": ("default", "COMPATIBLE", "SSE41")}
+
+# Models whose training is shared by every seed (only their evaluation is per seed).
+SHARED = ("pretrained", "finetuned", "retain-only")
 
 
 @dataclass
@@ -41,12 +59,15 @@ class DemoConfig:
 
     output_dir: str = "runs/demo"
     tofu_dir: str = ""  # "" = the TOFU bundled with the package (mdu_dist.data.BUNDLED_TOFU)
+    pretrain_rows: int = 48  # first N rows of real_authors and of world_facts: the pre-training corpus
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
     retain_rows: int = 20  # first N rows of retain90: the retain set
-    general_rows: int = 8  # first N rows of real_authors and of world_facts: taught in both fine-tunes, evaluated
+    general_rows: int = 16  # real_authors / world_facts rows evaluated (first N of the pre-training rows)
     eval_rows: int = 20  # forget / retain rows evaluated (at most forget_rows and retain_rows)
-    batch_size: int = 8  # rows per optimizer step (fine-tune and unlearn)
-    finetune_epochs: int = 500
+    batch_size: int = 8  # rows per optimizer step (every training stage)
+    pretrain_epochs: int = 100
+    pretrain_lr: float = 1e-3
+    finetune_epochs: int = 100
     finetune_lr: float = 1e-3
     unlearn_epochs: int = 10
     unlearn_lr: float = 1e-3
@@ -56,38 +77,51 @@ class DemoConfig:
     gen_length: int = 64
     steps: int = 32
     block_length: int = 64
-    seed: int = 0
+    seed: int = 0  # the pre-training and the two fine-tunes
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # unlearning + evaluation, one pass each
+    threads: int = 2  # torch intra-op threads (summation order depends on it); 0 = one per core
+    cpu_isa: str = "avx2"  # avx2 | default | native (each library picks from the host CPU: not reproducible)
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
     def validate(self, where: str = "demo") -> None:
         from mdu_dist.methods import METHODS
 
-        for name in ("forget_rows", "retain_rows", "general_rows", "eval_rows", "batch_size", "finetune_epochs",
-                     "unlearn_epochs", "num_samples", "gen_length", "steps", "block_length"):
+        for name in ("pretrain_rows", "forget_rows", "retain_rows", "general_rows", "eval_rows", "batch_size",
+                     "pretrain_epochs", "finetune_epochs", "unlearn_epochs", "num_samples", "gen_length", "steps",
+                     "block_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
         for name in ("forget_rows", "retain_rows"):  # evaluated rows must be rows the model was taught
             if self.eval_rows > getattr(self, name):
                 raise ConfigError(f"{where}.eval_rows={self.eval_rows} is more than {name}={getattr(self, name)}: "
                                   "the evaluation would score rows the model never saw")
+        if self.general_rows > self.pretrain_rows:
+            raise ConfigError(f"{where}.general_rows={self.general_rows} is more than pretrain_rows="
+                              f"{self.pretrain_rows}: the evaluation would score rows the model never saw")
         bad = [m for m in self.methods if m not in METHODS or m == "mdu"]
         if bad:
             raise ConfigError(f"{where}.methods: {bad[0]!r} is not a baseline (known: "
                               f"{', '.join(m for m in METHODS if m != 'mdu')}; MDU runs once per tau)")
         if self.forget_rows < self.batch_size:
             raise ConfigError(f"{where}.forget_rows={self.forget_rows} is fewer than batch_size={self.batch_size}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{where}.seeds={self.seeds} must be a non-empty list of distinct seeds")
+        if self.threads < 0:
+            raise ConfigError(f"{where}.threads={self.threads} must be >= 0")
+        if self.cpu_isa not in (*CPU_ISAS, "native"):
+            raise ConfigError(f"{where}.cpu_isa={self.cpu_isa!r} must be one of {', '.join(CPU_ISAS)}, native")
         self.job_config("finetune", "x")  # the base config validates, with the demo's overrides
 
-
-    def job_config(self, name: str, out: str, extra: list[str] = ()):
+    def job_config(self, name: str, out: str, extra: list[str] = (), seed: int | None = None):
         from mdu_dist.config import config_from_dict
 
+        seed = self.seed if seed is None else seed
         base = copy.deepcopy(self.base)
         overrides = [f"data.tofu_dir={self.tofu_dir}", f"optim.micro_batch_size={self.batch_size}",
-                     "optim.gradient_accumulation_steps=1", f"train.output_dir={out}", f"train.seed={self.seed}",
-                     f"parallel.seed={self.seed}", f"eval.num_samples={self.num_samples}",
+                     "optim.gradient_accumulation_steps=1", f"train.output_dir={out}", f"train.seed={seed}",
+                     f"parallel.seed={seed}", f"eval.num_samples={self.num_samples}",
                      f"eval.gen_length={self.gen_length}", f"eval.steps={self.steps}",
-                     f"eval.block_length={self.block_length}", f"eval.seed={self.seed}",
+                     f"eval.block_length={self.block_length}", f"eval.seed={seed}",
                      f"eval.limit={self.eval_rows}", f"eval.batch_size={max(self.num_samples, 1)}",
                      "eval.progress=true", "parallel.tensor=1", "parallel.pipeline=1", *extra]
         return config_from_dict(base, overrides, f"demo ({name})")
@@ -104,6 +138,22 @@ def load_demo_config(path: str | None, overrides: list[str] = (), quick: bool = 
     return load_config(path, overrides, DemoConfig)
 
 
+def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
+    """Environment that pins the CPU numerics of the worker processes (read when their libraries load).
+
+    Bits differ between machines because each library picks its kernels from the host: ATen its vectorised
+    kernels by CPU capability (AVX-512 vs AVX2: different reduction trees in sums, softmax, norms), MKL its GEMM
+    kernels (and blocking) by instruction set, and the thread count (``os.cpu_count()`` by default) decides
+    how reductions are split. Pinning all three makes the results a function of the settings alone."""
+    env = {}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if cpu_isa in CPU_ISAS:
+        aten, mkl, onednn = CPU_ISAS[cpu_isa]
+        env.update(ATEN_CPU_CAPABILITY=aten, MKL_CBWR=mkl, ONEDNN_MAX_CPU_ISA=onednn)
+    return env
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -118,16 +168,16 @@ def _qa(rows: list[dict]) -> list[dict]:
 
 
 def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
-    """The demo's training sets, and the real_authors / world_facts evaluation rows cut to the ones taught
-    (the tiny model knows nothing else; forget and retain are evaluated on their first ``eval_rows`` rows, all
-    of them taught as long as eval_rows <= forget_rows, retain_rows)."""
+    """The demo's training sets and the real_authors / world_facts evaluation rows cut to the first
+    ``general_rows`` (all of them pre-trained on); forget and retain are evaluated on their first ``eval_rows``
+    rows, all of them fine-tuned on."""
     root.mkdir(parents=True, exist_ok=True)
     forget = _qa(_read(d.tofu_dir, "forget10")[: d.forget_rows])
     retain = _qa(_read(d.tofu_dir, "retain90")[: d.retain_rows])
-    general = (_qa(_read(d.tofu_dir, "real_authors")[: d.general_rows])
-               + _qa(_read(d.tofu_dir, "world_facts")[: d.general_rows]))
-    files = {"forget": forget, "retain": retain, "finetune_full": forget + retain + general,
-             "finetune_retain_only": retain + general}
+    general = (_qa(_read(d.tofu_dir, "real_authors")[: d.pretrain_rows])
+               + _qa(_read(d.tofu_dir, "world_facts")[: d.pretrain_rows]))
+    files = {"pretrain": general, "forget": forget, "retain": retain, "finetune_full": forget + retain,
+             "finetune_retain_only": retain}
     for split in ("real_authors", "world_facts"):  # with their perturbed answers, for the truth ratio
         files[f"eval_{split}"] = _read(d.tofu_dir, f"{split}_perturbed")[: d.general_rows]
     paths = {}
@@ -137,20 +187,29 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
     return paths
 
 
+def write_tokenizer(d: DemoConfig, data: dict[str, Path], out: Path) -> Path:
+    from mdu_dist.data import build_tokenizer
+
+    rows = [r for name in ("pretrain", "forget", "retain") for r in json.loads(data[name].read_text())]
+    build_tokenizer([f"{r['question']} {r['answer']}" for r in rows], d.base.get("model", {}).get(
+        "vocab_size", 1000), out)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- pipeline
 
 
-def _train(cfg, job: str) -> tuple[dict, float]:
+def _train(cfg, job: str) -> float:
     import gc
 
     from mdu_dist.trainer import Trainer
 
     start = time.perf_counter()
     trainer = Trainer(cfg, job)
-    metrics = trainer.run()
+    trainer.run()
     del trainer
     gc.collect()
-    return metrics, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def _eval(cfg) -> tuple[dict, float]:
@@ -169,72 +228,106 @@ def _say(text: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("=", "")
+
+
 def run_pipeline(d: DemoConfig) -> dict:
-    """One rank: fine-tune, twin, unlearn runs, evaluations; returns the results (also written to disk)."""
+    """One rank: pre-train, fine-tune, twin, then per seed the unlearning runs and every evaluation; returns the
+    results (also written to disk)."""
+    import torch
+
     from mdu_dist import distributed
     from mdu_dist.checkpoint.steps import latest_checkpoint
 
+    torch.use_deterministic_algorithms(True)
     out = Path(d.output_dir)
+    rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
     data = write_data(d, out / "data")
-    first = d.job_config("finetune", str(out / "finetune"))
-    distributed.init(first.parallel, first.model)
+    tokenizer = write_tokenizer(d, data, out / "tokenizer")
+    distributed.init(d.job_config("pretrain", str(out)).parallel, d.job_config("pretrain", str(out)).model)
     runs: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+
+    def train_stage(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Path:
+        _say(f"{job} {name}" + ("" if seed is None else f" (seed {seed})"))
+        seconds[f"train {name}" + ("" if seed is None else f" seed {seed}")] = _train(
+            d.job_config(name, str(run_dir), [f"train.tokenizer={tokenizer}", *extra], seed), job)
+        return latest_checkpoint(run_dir / "checkpoints") / "model"
+
     try:
-        ft_extra = [f"data.finetune={data['finetune_full']}", f"train.epochs={d.finetune_epochs}",
-                    f"optim.lr={d.finetune_lr}"]
-        _say(f"fine-tuning on {data['finetune_full']} (forget + retain + general rows)")
-        cfg = d.job_config("finetune", str(out / "finetune"), ft_extra)
-        _, seconds = _train(cfg, "finetune")
-        finetuned = latest_checkpoint(out / "finetune" / "checkpoints") / "model"
-        tokenizer = out / "finetune" / "tokenizer"
-        runs["finetuned"] = {"method": "finetuned", "tau": None, "checkpoint": str(finetuned),
-                             "train_seconds": seconds, "run_dir": str(out / "finetune")}
-
-        _say("fine-tuning the retain-only twin (same recipe and tokenizer, no forget rows)")
-        cfg = d.job_config("finetune", str(out / "retain_only"),
-                           [*ft_extra, f"data.finetune={data['finetune_retain_only']}", f"train.tokenizer={tokenizer}"])
-        _, seconds = _train(cfg, "finetune")
-        runs["retain-only"] = {"method": "retain-only", "tau": None, "train_seconds": seconds,
-                               "checkpoint": str(latest_checkpoint(out / "retain_only" / "checkpoints") / "model"),
-                               "run_dir": str(out / "retain_only")}
-
+        pretrained = train_stage("pretrained", out / "pretrain", "finetune", [
+            f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])
+        ft = [f"train.init={pretrained}", f"train.epochs={d.finetune_epochs}", f"optim.lr={d.finetune_lr}"]
+        finetuned = train_stage("finetuned", out / "finetune", "finetune", [
+            *ft, f"data.finetune={data['finetune_full']}"])
+        twin = train_stage("retain-only", out / "retain_only", "finetune", [
+            *ft, f"data.finetune={data['finetune_retain_only']}"])
+        for name, ckpt in zip(SHARED, (pretrained, finetuned, twin)):
+            runs[name] = {"method": name, "tau": None, "checkpoint": rel(ckpt), "run_dir": rel(ckpt.parents[2]),
+                          "seeds": {}}
         jobs = [(f"mdu tau={tau:g}", "mdu", tau) for tau in d.taus] + [(m, m, None) for m in d.methods]
         for name, method, tau in jobs:
-            run_dir = out / "unlearn" / name.replace(" ", "_").replace("=", "")
-            _say(f"unlearning with {name}")
-            cfg = d.job_config(name, str(run_dir), [
-                f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
-                f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
-                *([f"method.tau={tau}"] if tau is not None else [])])
-            _, seconds = _train(cfg, "unlearn")
-            runs[name] = {"method": method, "tau": tau, "train_seconds": seconds, "run_dir": str(run_dir),
-                          "checkpoint": str(latest_checkpoint(run_dir / "checkpoints") / "model")}
+            runs[name] = {"method": method, "tau": tau, "seeds": {}}
+        for seed in d.seeds:
+            for name, method, tau in jobs:
+                run_dir = out / "unlearn" / f"seed{seed}" / _slug(name)
+                ckpt = train_stage(name, run_dir, "unlearn", [
+                    f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
+                    f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
+                    *([f"method.tau={tau}"] if tau is not None else [])], seed)
+                runs[name]["seeds"][str(seed)] = {"checkpoint": rel(ckpt), "run_dir": rel(run_dir)}
+            twin_eval = out / "eval" / f"seed{seed}" / "retain-only" / "eval.json"
+            for name in ["retain-only", *[n for n in runs if n != "retain-only"]]:
+                _say(f"evaluating {name} (seed {seed})")
+                run = runs[name]["seeds"].setdefault(str(seed), {})
+                ckpt = out / run.get("checkpoint", runs[name].get("checkpoint"))
+                eval_dir = out / "eval" / f"seed{seed}" / _slug(name)
+                extra = [f"eval.checkpoint={ckpt}", f"eval.output_dir={eval_dir}",
+                         f"eval.real_authors={data['eval_real_authors']}",
+                         f"eval.world_facts={data['eval_world_facts']}"]
+                if name != "retain-only":
+                    extra.append(f"eval.retain_model_eval={twin_eval}")
+                metrics, seconds[f"eval {name} seed {seed}"] = _eval(d.job_config(name, str(out), extra, seed))
+                if name == "retain-only":  # against itself: the KS p-value of identical samples (1)
+                    from mdu_dist.eval.metrics import forget_quality
+                    from mdu_dist.eval.run import retain_model_truth_ratios
 
-        retain_eval = out / "eval" / "retain-only" / "eval.json"
-        for name in ["retain-only", *[n for n in runs if n != "retain-only"]]:
-            _say(f"evaluating {name}")
-            extra = [f"eval.checkpoint={runs[name]['checkpoint']}", f"eval.output_dir={out / 'eval' / _slug(name)}",
-                     f"eval.real_authors={data['eval_real_authors']}", f"eval.world_facts={data['eval_world_facts']}"]
-            if name != "retain-only":
-                extra.append(f"eval.retain_model_eval={retain_eval}")
-            metrics, seconds = _eval(d.job_config(name, str(out), extra))
-            if name == "retain-only":  # against itself: the KS p-value of identical samples (1)
-                from mdu_dist.eval.metrics import forget_quality
-                from mdu_dist.eval.run import retain_model_truth_ratios
-
-                tr = retain_model_truth_ratios(str(retain_eval))
-                metrics["forget_quality"] = forget_quality(tr, tr)
-            runs[name].update(metrics=metrics, eval_seconds=seconds, eval_dir=str(out / "eval" / _slug(name)))
+                    tr = retain_model_truth_ratios(str(twin_eval))
+                    metrics["forget_quality"] = forget_quality(tr, tr)
+                run.update(metrics=metrics, eval_dir=rel(eval_dir))
     finally:
         distributed.shutdown()
-    result = {"runs": runs, "settings": asdict(d), "total_seconds": time.perf_counter() - t0}
-    write_outputs(result, out)
+    for run in runs.values():
+        run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
+    result = {"runs": runs, "settings": asdict(d)}
+    info = {"total_seconds": time.perf_counter() - t0, "seconds": seconds, "machine": machine_info()}
+    write_outputs(result, info, out)
     return result
 
 
-def _slug(name: str) -> str:
-    return name.replace(" ", "_").replace("=", "")
+def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
+    """Mean and sample standard deviation (n - 1; 0 for one seed) of every metric over the seeds."""
+    mean, std = {}, {}
+    for key in per_seed[0]:
+        values = [m[key] for m in per_seed]
+        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+            mean[key] = std[key] = None
+            continue
+        mean[key] = statistics.fmean(values)
+        std[key] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            **{k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}}
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -245,64 +338,126 @@ COLUMNS = (("forget ROUGE", "forget_Q_A_ROUGE"), ("forget prob", "forget_Q_A_Pro
            ("retain TR", "retain_Truth_Ratio"), ("real authors ROUGE", "ra_Q_A_ROUGE"),
            ("real authors prob (norm.)", "ra_Q_A_Prob_normalised"), ("world facts ROUGE", "wf_Q_A_ROUGE"),
            ("world facts prob (norm.)", "wf_Q_A_Prob_normalised"), ("model utility", "model_utility"))
+# Within this much forget ROUGE of the retain-only twin, a run has forgotten "to the twin's level"; runs are
+# compared on model utility only among those (a matched forget level).
+MATCH = 0.05
+KEEP = 0.1  # retain / general ROUGE within this much of the fine-tuned model's = kept
+KEPT_KEYS = (("retain", "retain_Q_A_ROUGE"), ("real authors", "ra_Q_A_ROUGE"), ("world facts", "wf_Q_A_ROUGE"))
 
 
-def results_markdown(result: dict) -> str:
+def _pm(run: dict, key: str) -> str:
     from mdu_dist.eval.run import fmt
 
+    mean, std = run["mean"].get(key), run["std"].get(key)
+    return fmt(mean) if mean is None or len(run["seeds"]) == 1 else f"{fmt(mean)} ± {fmt(std)}"
+
+
+def checks(result: dict) -> list[str]:
+    """What the demo must show, each line computed from the seed means in ``result``."""
+    runs = result["runs"]
+    f = {name: run["mean"]["forget_Q_A_ROUGE"] for name, run in runs.items()}
+    ft, twin = runs["finetuned"]["mean"], f["retain-only"]
+    level = twin + MATCH
+    unlearned = [n for n in runs if n not in SHARED]
+    matched = [n for n in unlearned if f[n] <= level]
+    utility = {n: runs[n]["mean"]["model_utility"] for n in unlearned}
+    lines = [f"- fine-tuned forget ROUGE {f['finetuned']:.3f} ({'>=' if f['finetuned'] >= 0.9 else '<'} 0.9); "
+             f"retain-only twin {twin:.3f}.",
+             f"- forget level matched: forget ROUGE <= twin + {MATCH} = {level:.3f}; runs there: "
+             + (", ".join(f"{n} ({f[n]:.3f})" for n in matched) or "none") + "; not there: "
+             + (", ".join(f"{n} ({f[n]:.3f})" for n in unlearned if n not in matched) or "none") + "."]
+    mdu = [n for n in matched if runs[n]["method"] == "mdu"]
+    if not mdu:
+        return lines + ["- no MDU run reached the twin's forget level."]
+    best = max(mdu, key=lambda n: utility[n])
+    kept = [(label, runs[best]["mean"][k] - ft[k]) for label, k in KEPT_KEYS]
+    lines.append(f"- best MDU at that level: {best} (model utility {utility[best]:.3f}); ROUGE change against "
+                 "the fine-tuned model: " + ", ".join(f"{label} {delta:+.3f}" for label, delta in kept)
+                 + (f" (all within {KEEP})" if all(abs(x) <= KEEP for _, x in kept) else
+                    f" (not all within {KEEP})") + ".")
+    rivals = [n for n in matched if runs[n]["method"] != "mdu"]
+    if rivals:
+        above = all(utility[best] > utility[n] for n in rivals)
+        lines.append(f"- model utility at the matched level: {best} {utility[best]:.3f} "
+                     f"{'above' if above else 'not above'} every baseline there ("
+                     + ", ".join(f"{n} {utility[n]:.3f}" for n in rivals) + ").")
+    else:
+        lines.append("- no baseline reached the matched forget level, so none compares at it.")
+    return lines
+
+
+def results_markdown(result: dict, info: dict) -> str:
     s = result["settings"]
+    seeds = s["seeds"]
     lines = ["# mdu-dist demo: TOFU unlearning with a tiny LLaDA-shaped model on CPU", "",
-             f"Forget set: first {s['forget_rows']} rows of forget10; retain set: first {s['retain_rows']} rows of "
-             f"retain90; {s['general_rows']} rows each of real_authors and world_facts taught in both fine-tunes. "
-             f"Evaluated on the first {s['eval_rows']} rows per split, {s['num_samples']} ELBO samples per answer, "
-             f"greedy generation of {s['gen_length']} tokens in {s['steps']} steps. "
-             f"Fine-tune: {s['finetune_epochs']} epochs at lr {s['finetune_lr']:g}; unlearning: "
-             f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}; batch {s['batch_size']}. "
-             f"Total time {result['total_seconds'] / 60:.1f} min.", "",
-             "| model | " + " | ".join(c for c, _ in COLUMNS) + " | train s |",
-             "|---" * (len(COLUMNS) + 2) + "|"]
+             f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts "
+             f"({s['pretrain_epochs']} epochs at lr {s['pretrain_lr']:g}); fine-tuned from there on the first "
+             f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90 "
+             f"(the retain set), and a retain-only twin on the retain rows ({s['finetune_epochs']} epochs at lr "
+             f"{s['finetune_lr']:g}; these three shared by all seeds, seed {s['seed']}). Unlearning: "
+             f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}, batch {s['batch_size']}. Evaluated on "
+             f"the first {s['eval_rows']} forget / retain rows and {s['general_rows']} real_authors / world_facts "
+             f"rows, {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
+             f"{s['steps']} steps. Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
+             "(unlearning and evaluation).", "",
+             "| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, run in result["runs"].items():
-        m = run.get("metrics", {})
-        lines.append(f"| {name} | " + " | ".join(fmt(m.get(k)) for _, k in COLUMNS)
-                     + f" | {run['train_seconds']:.0f} |")
+        lines.append(f"| {name} | " + " | ".join(_pm(run, k) for _, k in COLUMNS) + " |")
+    m = info["machine"]
     lines += ["", "forget quality: KS-test p-value of the forget truth ratios against the retain-only twin's "
               "(1 for the twin itself; higher = closer to never having seen the forget set). model utility: "
-              "harmonic mean of the nine retain / real-authors / world-facts numbers."]
+              "harmonic mean of the nine retain / real-authors / world-facts numbers.", "",
+              "## Checks (seed means)", "", *checks(result), "",
+              f"Ran in {info['total_seconds'] / 60:.1f} min on {m['cpu']} ({m['cores']} cores; torch {m['torch']}, "
+              f"{m['threads']} threads, ATen CPU capability {m['cpu_capability']}); per stage in run_info.json."]
     return "\n".join(lines) + "\n"
 
 
-def _scalars(run_dir: str) -> dict[str, list[tuple[int, float]]]:
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def plot_losses(result: dict, path: Path) -> None:
+def _smooth(values: list[float]) -> list[float]:
+    k = max(1, len(values) // 20)  # the masked-diffusion loss is noisy: a moving average over ~5% of the run
+    return [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+
+
+def plot_losses(result: dict, out: Path, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, run in result["runs"].items():
-        scalars = _scalars(run["run_dir"])
-        if "lm loss" in scalars:
-            steps, values = zip(*scalars["lm loss"])
-            line, = axes[0].plot(steps, values, alpha=0.25)
-            k = max(1, len(values) // 20)  # the masked-diffusion loss is noisy: a moving average over ~5% of the run
-            smooth = [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1])
-                      for i in range(len(values))]
-            axes[0].plot(steps, smooth, color=line.get_color(), label=f"{name} (moving avg.)")
-        for ax, tag in ((axes[1], "unlearn/forget-loss"), (axes[2], "unlearn/retain-loss")):
-            if tag in scalars and any(v != 0 for _, v in scalars[tag]):  # GA has no retain term (logged as 0)
-                steps, values = zip(*scalars[tag])
-                ax.plot(steps, values, label=name, marker="." if len(steps) < 30 else None)
-    for ax, title in zip(axes, ("fine-tuning loss", "unlearning: forget loss", "unlearning: retain loss")):
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    offset = 0  # pre-training, then the fine-tunes, on one step axis
+    for name in SHARED[:2]:
+        steps, values = zip(*_scalars(out / result["runs"][name]["run_dir"])["lm loss"])
+        steps = [offset + s for s in steps]
+        line, = axes[0].plot(steps, values, alpha=0.25)
+        axes[0].plot(steps, _smooth(list(values)), color=line.get_color(), label=f"{name} (moving avg.)")
+        if name == "pretrained":
+            twin = _scalars(out / result["runs"]["retain-only"]["run_dir"])["lm loss"]
+            axes[0].plot([steps[-1] + s for s, _ in twin], _smooth([v for _, v in twin]), label="retain-only "
+                         "(moving avg.)")
+        offset = steps[-1]
+    linestyles = ["-", "--", ":", "-."]
+    for i, (name, run) in enumerate((n, r) for n, r in result["runs"].items() if n not in SHARED):
+        for j, (seed, s) in enumerate(run["seeds"].items()):
+            scalars = _scalars(out / s["run_dir"])
+            for ax, tag in ((axes[1], "unlearn/forget-loss"), (axes[2], "unlearn/retain-loss")):
+                if tag in scalars and any(v != 0 for _, v in scalars[tag]):  # GA has no retain term (logged as 0)
+                    steps, values = zip(*scalars[tag])
+                    ax.plot(steps, values, color=f"C{i % 10}", ls=linestyles[j % 4], alpha=0.8,
+                            label=f"{name} seed {seed}")
+    for ax, title in zip(axes, ("pre-training, then fine-tuning loss", "unlearning: forget loss",
+                                "unlearning: retain loss")):
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6, ncol=2)
     axes[0].set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -318,16 +473,16 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     markers = "oDs^v<>Ph"
     for i, (name, run) in enumerate(result["runs"].items()):
-        m = run.get("metrics", {})
-        u = m.get("model_utility")
-        if u is None:
-            continue
-        # Runs often coincide (several methods at ROUGE 0, utility 0): a legend, not labels on the points.
-        style = dict(marker="*" if run["method"] in ("finetuned", "retain-only") else markers[i % len(markers)],
-                     s=120, alpha=0.8, color=f"C{i % 10}", label=name)
+        # Every seed as a small point, the mean as a large one; runs often coincide, hence a legend.
+        marker = "*" if name in SHARED else markers[i % len(markers)]
         for ax, key in ((axes[0], "forget_Q_A_ROUGE"), (axes[1], "forget_quality")):
-            if m.get(key) is not None:
-                ax.scatter(m[key], u, **style)
+            points = [(s["metrics"][key], s["metrics"]["model_utility"]) for s in run["seeds"].values()
+                      if s["metrics"].get(key) is not None and s["metrics"].get("model_utility") is not None]
+            if not points:
+                continue
+            ax.scatter(*zip(*points), marker=marker, s=25, alpha=0.5, color=f"C{i % 10}")
+            ax.scatter(statistics.fmean(p[0] for p in points), statistics.fmean(p[1] for p in points),
+                       marker=marker, s=140, alpha=0.8, color=f"C{i % 10}", edgecolors="k", label=name)
     axes[0].set_xlabel("forget ROUGE-L recall (lower = more forgotten)")
     axes[1].set_xlabel("forget quality (KS p-value vs retain-only twin; higher = better)")
     axes[1].set_xscale("log")
@@ -335,18 +490,19 @@ def plot_tradeoff(result: dict, path: Path) -> None:
         ax.set_ylabel("model utility")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("forgetting vs utility per method and tau")
+    fig.suptitle("forgetting vs utility per method and tau (small: each seed; large: mean)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write_outputs(result: dict, out: Path) -> None:
+def write_outputs(result: dict, info: dict, out: Path) -> None:
     from mdu_dist.eval.run import write_atomic
 
     write_atomic(out / "results.json", json.dumps(result, indent=1))  # runs in pipeline order
-    write_atomic(out / "results.md", results_markdown(result))
-    plot_losses(result, out / "loss_curves.png")
+    write_atomic(out / "run_info.json", json.dumps(info, indent=1))
+    write_atomic(out / "results.md", results_markdown(result, info))
+    plot_losses(result, out, out / "loss_curves.png")
     plot_tradeoff(result, out / "forget_vs_utility.png")
 
 
@@ -356,13 +512,15 @@ def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) 
     d = load_demo_config(path, overrides, quick)
     start = time.perf_counter()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("build/torch_extensions").absolute()))
-    result = run_ranks(run_pipeline, 1, d)[0]
+    os.environ.update(numerics_env(d.cpu_isa, d.threads))  # the worker reads them when torch loads
+    result = run_ranks(run_pipeline, 1, d, threads=d.threads or None)[0]
     out = Path(d.output_dir)
     print((out / "results.md").read_text())
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
-    print(f"table:        {out / 'results.md'}\nnumbers:      {out / 'results.json'}\n"
-          f"plots:        {out / 'loss_curves.png'}, {out / 'forget_vs_utility.png'}\n"
-          f"evaluations:  {out / 'eval'}/<model>/eval.json, eval.md\n"
+    print(f"table:        {out / 'results.md'}\nnumbers:      {out / 'results.json'} (timings: "
+          f"{out / 'run_info.json'})\nplots:        {out / 'loss_curves.png'}, {out / 'forget_vs_utility.png'}\n"
+          f"evaluations:  {out / 'eval'}/seed<N>/<model>/eval.json, eval.md\n"
           f"TensorBoard:  tensorboard --logdir {out}\n"
-          f"checkpoints:  {out}/finetune, {out}/retain_only, {out}/unlearn/<method>/checkpoints")
+          f"checkpoints:  {out}/pretrain, {out}/finetune, {out}/retain_only, "
+          f"{out}/unlearn/seed<N>/<method>/checkpoints")
     return 0 if result["runs"] else 1

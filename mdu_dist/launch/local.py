@@ -89,8 +89,9 @@ def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, 
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None = None,
-              cpu_only: bool = False) -> list[Any]:
-    """``fn(*args)`` on ``world_size`` ranks; returns the per-rank results (only this rank's when launched)."""
+              cpu_only: bool = False, threads: int | None = None) -> list[Any]:
+    """``fn(*args)`` on ``world_size`` ranks; returns the per-rank results (only this rank's when launched).
+    Local workers get ``threads`` torch threads each (default: the cores shared out)."""
     launched = launched_world_size()
     if launched is not None:
         if launched != world_size:
@@ -102,7 +103,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port, threads = _free_port(), max(1, (os.cpu_count() or 1) // world_size)
+    port, threads = _free_port(), threads or max(1, (os.cpu_count() or 1) // world_size)
     procs = [ctx.Process(target=_entry, args=(r, world_size, port, threads, cpu_only, fn, args, results,
                                                os.getpid()))
              for r in range(world_size)]
