@@ -1,5 +1,6 @@
-"""``mdu-dist demo --quick``: the whole pipeline (fine-tune, retain-only twin, MDU + GA/GradDiff/NPO, eval,
-table, plots) on CPU with tiny sizes, producing every output file with the claimed shape."""
+"""``mdu-dist demo --quick``: the whole pipeline (pre-train, fine-tune, retain-only twin, MDU + GA/GradDiff/NPO per
+seed, eval, table, plots) on CPU with tiny sizes, producing every output file with the claimed shape; and the
+same bits again from a second run."""
 
 from __future__ import annotations
 
@@ -11,54 +12,102 @@ from pathlib import Path
 
 import pytest
 
-from mdu_dist.demo import load_demo_config
+from mdu_dist.demo import load_demo_config, numerics_env
 from mdu_dist.errors import ConfigError
 
-MODELS = ["finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo"]
+MODELS = ["pretrained", "finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo"]
+SEEDS = ["0", "1"]
 
 
-def test_quick_demo_end_to_end(tmp_path):
-    """Started from an empty temporary directory (``cd $(mktemp -d) && mdu-dist demo --quick``): the demo finds
-    its TOFU rows in the package, not relative to the working directory."""
-    out = tmp_path / "demo"
-    cwd = tmp_path / "cwd"
+def _quick(out: Path, **env) -> subprocess.CompletedProcess:
+    """Started from an empty directory next to ``out`` (``cd $(mktemp -d) && mdu-dist demo --quick``): the demo
+    finds its TOFU rows in the package, not relative to the working directory."""
+    cwd = out.parent / f"cwd_{out.name}"
     cwd.mkdir()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                                str(Path("build/torch_extensions").absolute()))}
+                                                                str(Path("build/torch_extensions").absolute())),
+           **env}
     proc = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", f"output_dir={out}"],
                           capture_output=True, text=True, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for name in ("results.md", "results.json", "loss_curves.png", "forget_vs_utility.png"):
+    return proc
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "a"
+    return out, _quick(out)
+
+
+def test_quick_demo_end_to_end(quick_demo):
+    out, proc = quick_demo
+    for name in ("results.md", "results.json", "run_info.json", "loss_curves.png", "forget_vs_utility.png"):
         assert (out / name).exists(), name
         assert str(out / name) in proc.stdout  # it says where everything is
     result = json.loads((out / "results.json").read_text())
     assert list(result["runs"]) == MODELS
     for name, run in result["runs"].items():
-        m = run["metrics"]
+        assert list(run["seeds"]) == SEEDS, name
         for key in ("forget_Q_A_ROUGE", "forget_Q_A_Prob", "forget_truth_ratio", "forget_quality", "model_utility",
                     "retain_Q_A_ROUGE", "ra_Q_A_Prob_normalised", "wf_Q_A_Prob_normalised"):
-            assert 0.0 <= m[key] <= 1.0, (name, key, m[key])
-        assert (Path(run["eval_dir"]) / "eval.json").exists() and (Path(run["eval_dir"]) / "eval.md").exists()
-        assert list((Path(run["run_dir"]) / "tensorboard").glob("events.out.tfevents.*")), name
-        assert Path(run["checkpoint"]).is_dir()
-    assert result["runs"]["retain-only"]["metrics"]["forget_quality"] == 1.0
+            values = [s["metrics"][key] for s in run["seeds"].values()]
+            assert all(0.0 <= v <= 1.0 for v in values), (name, key, values)
+            assert run["mean"][key] == pytest.approx(sum(values) / 2)
+            assert run["std"][key] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)  # n - 1 = 1
+        for s in run["seeds"].values():
+            eval_dir = out / s["eval_dir"]
+            assert (eval_dir / "eval.json").exists() and (eval_dir / "eval.md").exists()
+            # The evaluation of seed N used eval.seed N.
+            assert json.loads((eval_dir / "eval.json").read_text())["config"]["eval"]["seed"] == int(
+                eval_dir.parent.name.removeprefix("seed"))
+        trained = [run] if name in ("pretrained", "finetuned", "retain-only") else list(run["seeds"].values())
+        for t in trained:
+            assert list((out / t["run_dir"] / "tensorboard").glob("events.out.tfevents.*")), name
+            assert (out / t["checkpoint"]).is_dir()
+    assert all(s["metrics"]["forget_quality"] == 1.0 for s in result["runs"]["retain-only"]["seeds"].values())
+    # Each seed unlearned on its own (its own run directory, its own train.seed).
+    ga = result["runs"]["ga"]["seeds"]
+    assert ga["0"]["run_dir"] != ga["1"]["run_dir"]
     table = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + len(MODELS) and all(ln.count("|") == table[0].count("|") for ln in table)
+    assert "±" in table[1]
     for png in ("loss_curves.png", "forget_vs_utility.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    # The forget set was in the fine-tuning data and not in the twin's.
+    # The forget set was in the fine-tuning data and not in the twin's, nor in the pre-training corpus; the
+    # general rows evaluated were pre-trained on.
     data = {p.stem: json.loads(p.read_text()) for p in (out / "data").glob("*.json")}
     forget = {r["question"] for r in data["forget"]}
     assert forget <= {r["question"] for r in data["finetune_full"]}
-    assert not forget & {r["question"] for r in data["finetune_retain_only"]}
+    assert not forget & {r["question"] for r in data["finetune_retain_only"] + data["pretrain"]}
+    pretrain = {r["question"] for r in data["pretrain"]}
+    assert {r["question"] for r in data["eval_real_authors"] + data["eval_world_facts"]} <= pretrain
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["machine"]["threads"] == 2 and info["machine"]["cpu_capability"] == "AVX2"
+
+
+def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
+    """A second run, started as if on another machine (another thread default, MKL told the CPU has no
+    AVX-512), writes the same results.json byte for byte: the demo pins threads and kernels itself."""
+    first, _ = quick_demo
+    _quick(tmp_path / "b", OMP_NUM_THREADS="1", MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="default")
+    assert (tmp_path / "b" / "results.json").read_bytes() == (first / "results.json").read_bytes()
+
+
+def test_numerics_env_pins_every_library():
+    assert numerics_env("avx2", 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
+                                       "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert numerics_env("native", 0) == {}
 
 
 @pytest.mark.parametrize("override, needle", [
     ("eval_rows=30", "demo.eval_rows=30 is more than forget_rows=20"),
     ("general_rows=0", "demo.general_rows=0 must be >= 1"),
+    ("general_rows=99", "demo.general_rows=99 is more than pretrain_rows=48"),
     ("methods=[mdu]", "'mdu' is not a baseline"),
     ("batch_size=32", "forget_rows=20 is fewer than batch_size=32"),
+    ("seeds=[1,1]", "demo.seeds=[1, 1] must be a non-empty list of distinct seeds"),
+    ("cpu_isa=avx9", "demo.cpu_isa='avx9' must be one of avx2, default, native"),
 ])
 def test_bad_demo_settings_are_named(override, needle):
     with pytest.raises(ConfigError) as e:
