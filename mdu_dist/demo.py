@@ -1,7 +1,8 @@
 """``mdu-dist demo``: the whole MDU pipeline on CPU with a tiny LLaDA-shaped model, shaped like the real one.
 
 1. Data (written under ``<output_dir>/data``): the first ``pretrain_rows`` rows of TOFU real_authors and of
-   world_facts (the "pre-training corpus": general knowledge that no later stage touches), the first
+   world_facts plus the last ``pretrain_author_rows`` rows of retain90 (other fictitious authors, with long
+   answers; the "pre-training corpus": general knowledge that no later stage touches), the first
    ``forget_rows`` rows of forget10 (the forget set) and the first ``retain_rows`` rows of retain90 (the retain
    set). One BPE tokenizer is trained on all of it, as a backbone's tokenizer is on its whole corpus.
 2. Pre-train the tiny model from random init on the general rows ("pretrained", the stand-in for a backbone
@@ -40,7 +41,7 @@ from mdu_dist.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
-QUICK = ["pretrain_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4", "eval_rows=3", "batch_size=4",
+QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4", "eval_rows=3", "batch_size=4",
          "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2", "gen_length=8", "steps=4",
          "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
 
@@ -59,15 +60,19 @@ class DemoConfig:
 
     output_dir: str = "runs/demo"
     tofu_dir: str = ""  # "" = the TOFU bundled with the package (mdu_dist.data.BUNDLED_TOFU)
-    pretrain_rows: int = 48  # first N rows of real_authors and of world_facts: the pre-training corpus
+    pretrain_rows: int = 24  # first N rows of real_authors and of world_facts: the pre-training corpus
+    # Last N rows of retain90 (authors the fine-tunes never see), pre-trained on too: real_authors / world_facts
+    # answers are 1-4 words, and a model pre-trained on those alone puts end-of-text right after the prompt when
+    # it generates into a longer canvas than any it was trained on (each batch pads to its longest row).
+    pretrain_author_rows: int = 40
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
     retain_rows: int = 20  # first N rows of retain90: the retain set
     general_rows: int = 16  # real_authors / world_facts rows evaluated (first N of the pre-training rows)
     eval_rows: int = 20  # forget / retain rows evaluated (at most forget_rows and retain_rows)
     batch_size: int = 8  # rows per optimizer step (every training stage)
-    pretrain_epochs: int = 100
+    pretrain_epochs: int = 300
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 100
+    finetune_epochs: int = 300
     finetune_lr: float = 1e-3
     unlearn_epochs: int = 10
     unlearn_lr: float = 1e-3
@@ -79,7 +84,7 @@ class DemoConfig:
     block_length: int = 64
     seed: int = 0  # the pre-training and the two fine-tunes
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # unlearning + evaluation, one pass each
-    threads: int = 2  # torch intra-op threads (summation order depends on it); 0 = one per core
+    threads: int = 1  # torch intra-op threads (summation order depends on it); 0 = one per core
     cpu_isa: str = "avx2"  # avx2 | default | native (each library picks from the host CPU: not reproducible)
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
@@ -95,6 +100,12 @@ class DemoConfig:
             if self.eval_rows > getattr(self, name):
                 raise ConfigError(f"{where}.eval_rows={self.eval_rows} is more than {name}={getattr(self, name)}: "
                                   "the evaluation would score rows the model never saw")
+        if self.pretrain_author_rows < 0:
+            raise ConfigError(f"{where}.pretrain_author_rows={self.pretrain_author_rows} must be >= 0")
+        retain90 = len(_read(self.tofu_dir, "retain90"))
+        if self.retain_rows + self.pretrain_author_rows > retain90:  # the two would share rows
+            raise ConfigError(f"{where}.retain_rows={self.retain_rows} + pretrain_author_rows="
+                              f"{self.pretrain_author_rows} is more than retain90's {retain90} rows")
         if self.general_rows > self.pretrain_rows:
             raise ConfigError(f"{where}.general_rows={self.general_rows} is more than pretrain_rows="
                               f"{self.pretrain_rows}: the evaluation would score rows the model never saw")
@@ -173,9 +184,11 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
     rows, all of them fine-tuned on."""
     root.mkdir(parents=True, exist_ok=True)
     forget = _qa(_read(d.tofu_dir, "forget10")[: d.forget_rows])
-    retain = _qa(_read(d.tofu_dir, "retain90")[: d.retain_rows])
+    retain90 = _read(d.tofu_dir, "retain90")
+    retain = _qa(retain90[: d.retain_rows])
     general = (_qa(_read(d.tofu_dir, "real_authors")[: d.pretrain_rows])
-               + _qa(_read(d.tofu_dir, "world_facts")[: d.pretrain_rows]))
+               + _qa(_read(d.tofu_dir, "world_facts")[: d.pretrain_rows])
+               + _qa(retain90[len(retain90) - d.pretrain_author_rows:]))
     files = {"pretrain": general, "forget": forget, "retain": retain, "finetune_full": forget + retain,
              "finetune_retain_only": retain}
     for split in ("real_authors", "world_facts"):  # with their perturbed answers, for the truth ratio
@@ -244,6 +257,9 @@ def run_pipeline(d: DemoConfig) -> dict:
     # default), which made a training step ~13x slower and changes no result.
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False
+    # A memorising model drives gradients and optimizer updates into the subnormal range, where x86 arithmetic
+    # runs tens of times slower; flushing them to zero (FTZ/DAZ) is itself deterministic.
+    torch.set_flush_denormal(True)
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
@@ -394,7 +410,8 @@ def results_markdown(result: dict, info: dict) -> str:
     s = result["settings"]
     seeds = s["seeds"]
     lines = ["# mdu-dist demo: TOFU unlearning with a tiny LLaDA-shaped model on CPU", "",
-             f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts "
+             f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts and the "
+             f"last {s['pretrain_author_rows']} of retain90 (authors no later stage sees) "
              f"({s['pretrain_epochs']} epochs at lr {s['pretrain_lr']:g}); fine-tuned from there on the first "
              f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90 "
              f"(the retain set), and a retain-only twin on the retain rows ({s['finetune_epochs']} epochs at lr "

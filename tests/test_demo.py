@@ -83,7 +83,7 @@ def test_quick_demo_end_to_end(quick_demo):
     pretrain = {r["question"] for r in data["pretrain"]}
     assert {r["question"] for r in data["eval_real_authors"] + data["eval_world_facts"]} <= pretrain
     info = json.loads((out / "run_info.json").read_text())
-    assert info["machine"]["threads"] == 2 and info["machine"]["cpu_capability"] == "AVX2"
+    assert info["machine"]["threads"] == 1 and info["machine"]["cpu_capability"] == "AVX2"
 
 
 def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
@@ -103,7 +103,9 @@ def test_numerics_env_pins_every_library():
 @pytest.mark.parametrize("override, needle", [
     ("eval_rows=30", "demo.eval_rows=30 is more than forget_rows=20"),
     ("general_rows=0", "demo.general_rows=0 must be >= 1"),
-    ("general_rows=99", "demo.general_rows=99 is more than pretrain_rows=48"),
+    ("general_rows=99", "demo.general_rows=99 is more than pretrain_rows=24"),
+    ("pretrain_author_rows=-1", "demo.pretrain_author_rows=-1 must be >= 0"),
+    ("pretrain_author_rows=3590", "demo.retain_rows=20 + pretrain_author_rows=3590 is more than retain90's 3600"),
     ("methods=[mdu]", "'mdu' is not a baseline"),
     ("batch_size=32", "forget_rows=20 is fewer than batch_size=32"),
     ("seeds=[1,1]", "demo.seeds=[1, 1] must be a non-empty list of distinct seeds"),
