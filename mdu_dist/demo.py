@@ -67,12 +67,15 @@ class DemoConfig:
     pretrain_author_rows: int = 40
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
     retain_rows: int = 20  # first N rows of retain90: the retain set
+    # The fine-tunes also replay the pre-trained real_authors / world_facts rows: the tiny model forgets them
+    # entirely in a fine-tune without them (generation ROUGE 1.0 -> 0.0), which a backbone of billions does not.
+    replay_facts: bool = True
     general_rows: int = 16  # real_authors / world_facts rows evaluated (first N of the pre-training rows)
     eval_rows: int = 20  # forget / retain rows evaluated (at most forget_rows and retain_rows)
     batch_size: int = 8  # rows per optimizer step (every training stage)
-    pretrain_epochs: int = 300
+    pretrain_epochs: int = 200
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 300
+    finetune_epochs: int = 250
     finetune_lr: float = 1e-3
     unlearn_epochs: int = 10
     unlearn_lr: float = 1e-3
@@ -186,11 +189,12 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
     forget = _qa(_read(d.tofu_dir, "forget10")[: d.forget_rows])
     retain90 = _read(d.tofu_dir, "retain90")
     retain = _qa(retain90[: d.retain_rows])
-    general = (_qa(_read(d.tofu_dir, "real_authors")[: d.pretrain_rows])
-               + _qa(_read(d.tofu_dir, "world_facts")[: d.pretrain_rows])
-               + _qa(retain90[len(retain90) - d.pretrain_author_rows:]))
-    files = {"pretrain": general, "forget": forget, "retain": retain, "finetune_full": forget + retain,
-             "finetune_retain_only": retain}
+    facts = _qa(_read(d.tofu_dir, "real_authors")[: d.pretrain_rows]) + _qa(_read(d.tofu_dir, "world_facts")[
+        : d.pretrain_rows])
+    general = facts + _qa(retain90[len(retain90) - d.pretrain_author_rows:])
+    replay = facts if d.replay_facts else []
+    files = {"pretrain": general, "forget": forget, "retain": retain, "finetune_full": forget + retain + replay,
+             "finetune_retain_only": retain + replay}
     for split in ("real_authors", "world_facts"):  # with their perturbed answers, for the truth ratio
         files[f"eval_{split}"] = _read(d.tofu_dir, f"{split}_perturbed")[: d.general_rows]
     paths = {}
@@ -409,12 +413,14 @@ def checks(result: dict) -> list[str]:
 def results_markdown(result: dict, info: dict) -> str:
     s = result["settings"]
     seeds = s["seeds"]
+    replay = " + the pre-trained real_authors / world_facts rows again" if s["replay_facts"] else ""
     lines = ["# mdu-dist demo: TOFU unlearning with a tiny LLaDA-shaped model on CPU", "",
              f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts and the "
              f"last {s['pretrain_author_rows']} of retain90 (authors no later stage sees) "
              f"({s['pretrain_epochs']} epochs at lr {s['pretrain_lr']:g}); fine-tuned from there on the first "
              f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90 "
-             f"(the retain set), and a retain-only twin on the retain rows ({s['finetune_epochs']} epochs at lr "
+             f"(the retain set){replay}, and a retain-only twin on the same minus the forget rows "
+             f"({s['finetune_epochs']} epochs at lr "
              f"{s['finetune_lr']:g}; these three shared by all seeds, seed {s['seed']}). Unlearning: "
              f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}, batch {s['batch_size']}. Evaluated on "
              f"the first {s['eval_rows']} forget / retain rows and {s['general_rows']} real_authors / world_facts "
