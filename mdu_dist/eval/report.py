@@ -5,12 +5,12 @@
 deviation over them (``aggregate``).
 
 ``mdu-dist report PATH...`` finds its eval.json files so: a file is itself; a directory holding ``eval.json`` is
-that file; any other directory means every ``eval.json`` below it. A file's label is its directory's path
-relative to the directory argument it was found under (its directory's name when given directly), without a
-final ``eval`` component (``<run>/eval/eval.json``, the layout ``mdu-dist launch`` writes); ``--label`` names
-each argument's files instead. Files whose labels differ only by a ``seed<N>`` / ``seed=<N>`` part (a path
-component, or a ``_``-joined sweep part such as ``tau=0.5_seed=1``) are seeds of one model; ``--label`` makes all
-of an argument's files seeds of one model.
+that file; any other directory means every ``eval.json`` below it. A file's label is the path of its directory
+relative to the directory argument it was found under, without a final ``eval`` component (``<run>/eval/``, the
+layout ``mdu-dist launch`` writes); the argument's own name (its parent's if it is ``eval``) when that leaves
+nothing or the file was given directly. ``--label`` names each argument's files instead. Files of one label are
+seeds of one model, and a ``seed<N>`` / ``seed=<N>`` part of a label (a path component, or a ``_``-joined sweep
+part as in ``tau=0.5_seed=1``) is dropped from it, so ``seed0/ga`` and ``seed1/ga`` are two seeds of ``ga``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def find_eval_files(path: Path) -> list[tuple[Path, str]]:
     found = sorted(path.rglob("eval.json")) if path.is_dir() else []
     if not found:
         raise DataError(f"{path}: no eval.json there or below it" if path.is_dir() else f"{path}: not found")
-    return [(f, _label(str(f.parent.relative_to(path)))) for f in found]
+    return [(f, _label(f.parent.relative_to(path).parts) or _name(path)) for f in found]
 
 
 def _name(directory: Path) -> str:
@@ -120,9 +120,8 @@ def _name(directory: Path) -> str:
     return directory.parent.name if directory.name == "eval" else directory.name
 
 
-def _label(rel: str) -> str:
-    parts = rel.split("/")
-    return "/".join(parts[:-1] if len(parts) > 1 and parts[-1] == "eval" else parts)
+def _label(parts: tuple[str, ...]) -> str:
+    return "/".join(parts[:-1] if parts[-1:] == ("eval",) else parts)
 
 
 def split_seed(label: str) -> tuple[str, str | None]:
