@@ -101,6 +101,12 @@ def test_labels_name_each_path_and_make_its_files_seeds(sweep, capsys):
     # Without --label a directory holding eval.json is named after its run (its `eval` component dropped).
     assert main(["report", str(root / "finetune" / "eval")]) == 0
     assert list(parse_table(capsys.readouterr().out)) == ["finetune"]
+    # An eval sweep over seeds of one run (launch writes <run>/eval/seed=<N>): seeds of that run.
+    for seed, utility in ((0, 0.25), (1, 0.5)):
+        write_eval(root / "other" / "eval" / f"seed={seed}" / "eval.json", {"model_utility": utility})
+    assert main(["report", str(root / "other")]) == 0
+    assert parse_table(capsys.readouterr().out)["other"]["model utility"] == (0.375, pytest.approx(0.1768,
+                                                                                                   abs=1e-4))
 
 
 @pytest.mark.parametrize("label, expected", [

@@ -6,11 +6,12 @@ deviation over them (``aggregate``).
 
 ``mdu-dist report PATH...`` finds its eval.json files so: a file is itself; a directory holding ``eval.json`` is
 that file; any other directory means every ``eval.json`` below it. A file's label is the path of its directory
-relative to the directory argument it was found under, without a final ``eval`` component (``<run>/eval/``, the
-layout ``mdu-dist launch`` writes); the argument's own name (its parent's if it is ``eval``) when that leaves
-nothing or the file was given directly. ``--label`` names each argument's files instead. Files of one label are
-seeds of one model, and a ``seed<N>`` / ``seed=<N>`` part of a label (a path component, or a ``_``-joined sweep
-part as in ``tau=0.5_seed=1``) is dropped from it, so ``seed0/ga`` and ``seed1/ga`` are two seeds of ``ga``.
+relative to the directory argument it was found under, without its ``eval`` components (``<run>/eval/``,
+``<run>/eval/step-N/``: what ``mdu-dist launch`` writes); the argument's own name (its parent's if it is
+``eval``) when that leaves nothing or the file was given directly. ``--label`` names each argument's files
+instead. Files of one label are seeds of one model, and a ``seed<N>`` / ``seed=<N>`` part of a label (a path
+component, or a ``_``-joined sweep part as in ``tau=0.5_seed=1``) is dropped from it, so ``seed0/ga`` and
+``seed1/ga`` are two seeds of ``ga``.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def _name(directory: Path) -> str:
 
 
 def _label(parts: tuple[str, ...]) -> str:
-    return "/".join(parts[:-1] if parts[-1:] == ("eval",) else parts)
+    return "/".join(p for p in parts if p != "eval")
 
 
 def split_seed(label: str) -> tuple[str, str | None]:

@@ -70,11 +70,8 @@ def point_output_dir(job: str, base: str, point: list[str]) -> str:
     if job != "eval" or not checkpoints:
         return sweep_output_dir(base, point)
     parts = Path(checkpoints[0]).parts
-    if "checkpoints" in parts[:-1]:
-        at = len(parts) - 1 - parts[::-1].index("checkpoints")
-        out = Path(*parts[:at]) / "eval" / parts[at + 1]
-    else:
-        out = Path(*parts) / "eval"
+    at = len(parts) - 1 - parts[::-1].index("checkpoints") if "checkpoints" in parts else len(parts)
+    out = Path(*parts[:at]) / "eval" / Path(*parts[at + 1: at + 2])  # the step, if one is named
     return sweep_output_dir(str(out), [o for o in point if not o.startswith("eval.checkpoint=")])
 
 
