@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     importlib.import_module("mdu_dist.launch.command").register(sub)
     importlib.import_module("mdu_dist.plan").register(sub)
     importlib.import_module("mdu_dist.bench").register(sub)
+    importlib.import_module("mdu_dist.eval.report").register(sub)
     return parser
 
 

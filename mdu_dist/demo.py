@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,6 +320,8 @@ def run_pipeline(d: DemoConfig) -> dict:
                 run.update(metrics=metrics, eval_dir=rel(eval_dir))
     finally:
         distributed.shutdown()
+    from mdu_dist.eval.report import aggregate
+
     for run in runs.values():
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
     settings = {k: v for k, v in asdict(d).items() if k != "output_dir"}  # where it ran changes no number
@@ -329,19 +329,6 @@ def run_pipeline(d: DemoConfig) -> dict:
     info = {"total_seconds": time.perf_counter() - t0, "seconds": seconds, "machine": machine_info()}
     write_outputs(result, info, out)
     return result
-
-
-def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
-    """Mean and sample standard deviation (n - 1; 0 for one seed) of every metric over the seeds."""
-    mean, std = {}, {}
-    for key in per_seed[0]:
-        values = [m[key] for m in per_seed]
-        if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
-            mean[key] = std[key] = None
-            continue
-        mean[key] = statistics.fmean(values)
-        std[key] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
 
 
 def machine_info() -> dict:
@@ -356,24 +343,11 @@ def machine_info() -> dict:
 
 # --------------------------------------------------------------------------------------------- outputs
 
-COLUMNS = (("forget ROUGE", "forget_Q_A_ROUGE"), ("forget prob", "forget_Q_A_Prob"),
-           ("forget TR", "forget_truth_ratio"), ("forget quality", "forget_quality"),
-           ("retain ROUGE", "retain_Q_A_ROUGE"), ("retain prob", "retain_Q_A_Prob"),
-           ("retain TR", "retain_Truth_Ratio"), ("real authors ROUGE", "ra_Q_A_ROUGE"),
-           ("real authors prob (norm.)", "ra_Q_A_Prob_normalised"), ("world facts ROUGE", "wf_Q_A_ROUGE"),
-           ("world facts prob (norm.)", "wf_Q_A_Prob_normalised"), ("model utility", "model_utility"))
 # Within this much forget ROUGE of the retain-only twin, a run has forgotten "to the twin's level"; runs are
 # compared on model utility only among those (a matched forget level).
 MATCH = 0.05
 KEEP = 0.1  # retain / general ROUGE within this much of the fine-tuned model's = kept
 KEPT_KEYS = (("retain", "retain_Q_A_ROUGE"), ("real authors", "ra_Q_A_ROUGE"), ("world facts", "wf_Q_A_ROUGE"))
-
-
-def _pm(run: dict, key: str) -> str:
-    from mdu_dist.eval.run import fmt
-
-    mean, std = run["mean"].get(key), run["std"].get(key)
-    return fmt(mean) if mean is None or len(run["seeds"]) == 1 else f"{fmt(mean)} ± {fmt(std)}"
 
 
 def checks(result: dict) -> list[str]:
@@ -411,6 +385,8 @@ def checks(result: dict) -> list[str]:
 
 
 def results_markdown(result: dict, info: dict) -> str:
+    from mdu_dist.eval.report import table
+
     s = result["settings"]
     seeds = s["seeds"]
     replay = " + the pre-trained real_authors / world_facts rows again" if s["replay_facts"] else ""
@@ -426,10 +402,7 @@ def results_markdown(result: dict, info: dict) -> str:
              f"the first {s['eval_rows']} forget / retain rows and {s['general_rows']} real_authors / world_facts "
              f"rows, {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
              f"{s['steps']} steps. Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
-             "(unlearning and evaluation).", "",
-             "| model | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, run in result["runs"].items():
-        lines.append(f"| {name} | " + " | ".join(_pm(run, k) for _, k in COLUMNS) + " |")
+             "(unlearning and evaluation).", "", *table(result["runs"])]
     m = info["machine"]
     lines += ["", "forget quality: KS-test p-value of the forget truth ratios against the retain-only twin's "
               "(1 for the twin itself; higher = closer to never having seen the forget set). model utility: "
@@ -491,46 +464,15 @@ def plot_losses(result: dict, out: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tradeoff(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    markers = "oDs^v<>Ph"
-    for i, (name, run) in enumerate(result["runs"].items()):
-        # Every seed as a small point, the mean as a large one; runs often coincide, hence a legend.
-        marker = "*" if name in SHARED else markers[i % len(markers)]
-        for ax, key in ((axes[0], "forget_Q_A_ROUGE"), (axes[1], "forget_quality")):
-            points = [(s["metrics"][key], s["metrics"]["model_utility"]) for s in run["seeds"].values()
-                      if s["metrics"].get(key) is not None and s["metrics"].get("model_utility") is not None]
-            if not points:
-                continue
-            ax.scatter(*zip(*points), marker=marker, s=25, alpha=0.5, color=f"C{i % 10}")
-            ax.scatter(statistics.fmean(p[0] for p in points), statistics.fmean(p[1] for p in points),
-                       marker=marker, s=140, alpha=0.8, color=f"C{i % 10}", edgecolors="k", label=name)
-    axes[0].set_xlabel("forget ROUGE-L recall (lower = more forgotten)")
-    axes[1].set_xlabel("forget quality (KS p-value vs retain-only twin; higher = better)")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_ylabel("model utility")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle("forgetting vs utility per method and tau (small: each seed; large: mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def write_outputs(result: dict, info: dict, out: Path) -> None:
+    from mdu_dist.eval.report import plot_tradeoff
     from mdu_dist.eval.run import write_atomic
 
     write_atomic(out / "results.json", json.dumps(result, indent=1))  # runs in pipeline order
     write_atomic(out / "run_info.json", json.dumps(info, indent=1))
     write_atomic(out / "results.md", results_markdown(result, info))
     plot_losses(result, out, out / "loss_curves.png")
-    plot_tradeoff(result, out / "forget_vs_utility.png")
+    plot_tradeoff(result["runs"], out / "forget_vs_utility.png", stars=SHARED)
 
 
 def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) -> int:

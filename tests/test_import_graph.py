@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models and processes", ("mdu_dist.models.*", "mdu_dist.distributed", "mdu_dist.launch.local")),
     ("checkpoint", ("mdu_dist.checkpoint", "mdu_dist.checkpoint.*")),
     ("job inputs", ("mdu_dist.inputs",)),
-    ("trainer and eval", ("mdu_dist.trainer", "mdu_dist.eval.run")),
+    ("trainer and eval", ("mdu_dist.trainer", "mdu_dist.eval.run", "mdu_dist.eval.report")),
     ("launch", ("mdu_dist.launch.*",)),
     ("cli", ("mdu_dist.cli", "mdu_dist.demo", "mdu_dist.bench", "mdu_dist.plan")),
 ]

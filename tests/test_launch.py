@@ -204,3 +204,31 @@ def test_an_eval_job_is_refused_when_tp_does_not_divide_the_tasks(tmp_path, caps
     code, _, err = _launch(capsys, "--job", "eval", "--executor", "local", "--tasks-per-node", "3", *TINY,
                            "parallel.tensor=2", f"eval.checkpoint={tmp_path}", f"eval.output_dir={tmp_path / 'eval'}")
     assert code == 2 and "is not a multiple of" in err and "parallel.tensor=2" in err, err
+
+
+def test_an_eval_sweep_over_run_dirs_is_one_job_array_writing_each_run_eval(fake_slurm, tmp_path, capsys):
+    import shutil
+
+    run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "tau=0.5"
+    _cli("finetune", "--config", "configs/llada_tiny.yaml", *TINY, "data.finetune=forget10", "train.max_steps=1",
+         f"train.output_dir={run_a}")
+    shutil.copytree(run_a, run_b)
+    step = run_a / "checkpoints" / "step-1" / "model"
+    code, out, err = _launch(capsys, "--job", "eval", "--executor", "slurm", "--tasks-per-node", "2", "--sweep",
+                             f"eval.checkpoint={run_a},{run_b},{step}", *TINY, "eval.seed=7",
+                             f"launch.folder={tmp_path / 'submitit'}")
+    assert code == 0, err
+    script = fake_slurm.read_text()
+    assert script.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2%" in script, script
+    wanted = [(run_a, run_a / "eval"), (run_b, run_b / "eval"), (step, run_a / "eval" / "step-1")]
+    for i, (checkpoint, output) in enumerate(wanted):
+        assert f"job 4242_{i} [eval.checkpoint={checkpoint}]" in out and f"output {output}" in out, out
+        with open(tmp_path / "submitit" / f"4242_{i}_submitted.pkl", "rb") as f:
+            task = pickle.load(f).function
+        assert task.job == "eval" and task.config["eval"]["seed"] == 7
+        assert (task.config["eval"]["checkpoint"], task.config["eval"]["output_dir"]) == (str(checkpoint),
+                                                                                          str(output))
+    # Two points that would write one eval.json: refused before anything is submitted.
+    code, _, err = _launch(capsys, "--job", "eval", "--executor", "slurm", "--tasks-per-node", "2", "--sweep",
+                           f"eval.checkpoint={run_a},{run_a}", *TINY, f"launch.folder={tmp_path / 'submitit'}")
+    assert code == 2 and f"two points of the sweep would write to {run_a / 'eval'}" in err, err

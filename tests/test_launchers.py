@@ -15,7 +15,7 @@ import pytest
 from mdu_dist.cli import build_parser
 from mdu_dist.config import load_config
 from mdu_dist.distributed import resolve_layout
-from mdu_dist.launch.plan import parse_sweep, sweep_output_dir
+from mdu_dist.launch.plan import parse_sweep, point_output_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHERS = ROOT / "launchers"
@@ -109,7 +109,7 @@ def launches(commands: list[list[str]]):
         base = _overrides(args)
         first = load_config(ROOT / args.config, base)
         out = _output_key(args.job)
-        dirs = [sweep_output_dir(first.eval.output_dir if args.job == "eval" else first.train.output_dir, p)
+        dirs = [point_output_dir(args.job, first.eval.output_dir if args.job == "eval" else first.train.output_dir, p)
                 for p in parse_sweep(args.sweep)]
         found.append((args, [load_config(ROOT / args.config, [*base, *p, f"{out}={d}"])
                              for p, d in zip(parse_sweep(args.sweep), dirs)]))
@@ -138,22 +138,28 @@ def test_pipeline_stages_chain_the_tofu_jobs():
         assert c.train.init.startswith(f"{ft_cfgs[0].train.output_dir}/checkpoints/step-")
         assert (c.parallel.tensor * c.parallel.pipeline, ft.nodes * ft.gpus_per_node) == (2, 8)
     assert (ev.job, ev_cfgs[0].eval.checkpoint) == ("eval", twin_cfgs[0].train.output_dir)
-    assert ev.nodes * ev.gpus_per_node == ev_cfgs[0].parallel.tensor  # eval runs on TP ranks only
+    # Evaluation on every GPU of a node: TP x DP ranks.
+    assert (ev.nodes * ev.gpus_per_node, ev_cfgs[0].parallel.tensor) == (ft.nodes * ft.gpus_per_node, 2)
+    assert resolve_layout(8, ev_cfgs[0].parallel, ev_cfgs[0].model).dp == 4
     assert dependency(unlearn) == ("afterok:<mdu>:<baselines>:<eval-twin>",
                                    "bash launchers/slurm/pipeline_tofu.sh eval")
 
     evals = dry_run(PIPELINE, "eval")
-    evaluated = [cfgs[0].eval for _, cfgs in launches(evals)]
+    ((every, every_cfgs),) = launches(evals)  # one launch: one job array, a task per run directory
+    evaluated = [c.eval for c in every_cfgs]
     trained = [ft_cfgs[0].train.output_dir] + [c.train.output_dir for c in mdu_cfgs + base_cfgs]
+    assert every.job == "eval" and every.nodes * every.gpus_per_node == 8
     assert [e.checkpoint for e in evaluated] == trained  # the directories the sweeps write
     assert {e.retain_model_eval for e in evaluated} == {f"{ev_cfgs[0].eval.output_dir}/eval.json"}
     assert [e.output_dir for e in evaluated] == [f"{t}/eval" for t in trained]
-    names = [f"<eval-{Path(t).relative_to(runs)}>" for t in trained]
-    assert dependency(evals) == ("afterok:" + ":".join(names), "bash launchers/slurm/pipeline_tofu.sh report")
+    assert dependency(evals) == ("afterok:<eval>", "bash launchers/slurm/pipeline_tofu.sh report")
 
     (report,) = dry_run(PIPELINE, "report")
-    assert report[:2] == ["report", f"{runs}/report.md"]
-    assert report[3:] == [f"{ev_cfgs[0].eval.output_dir}/eval.md"] + [f"{t}/eval/eval.md" for t in trained]
+    args = build_parser().parse_args(report[1:])
+    assert report[0] == "mdu-dist" and (args.command, args.paths, args.output) == ("report", [str(runs)],
+                                                                                     f"{runs}/report")
+    # Every eval.json the stages write is below the directory the report reads.
+    assert all(Path(e.output_dir).is_relative_to(runs) for e in [*evaluated, ev_cfgs[0].eval])
 
 
 def test_pipeline_submits_with_the_job_ids_it_read_and_the_latest_checkpoint(tmp_path):

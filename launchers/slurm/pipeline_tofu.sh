@@ -2,8 +2,9 @@
 # The TOFU pipeline on a Slurm cluster, every job a `mdu-dist launch`, chained by job dependencies:
 #   start    finetune on TOFU full (the model must know the forget set) | the retain-only twin (retain90)
 #   unlearn  MDU at each tau (one job array) and the baselines (another) | evaluation of the twin
-#   eval     evaluation of the finetuned model and of every unlearned one (forget quality against the twin)
-#   report   $RUNS/report.md: every eval.md, one after the other
+#   eval     evaluation of the finetuned model and of every unlearned one, one job array (forget quality
+#            against the twin), each into its run's eval/
+#   report   `mdu-dist report`: $RUNS/report/report.md, report.json, forget_vs_utility.png
 # From the repository root on a login node: bash launchers/slurm/pipeline_tofu.sh
 # `mdu-dist launch` checks a job's inputs (data, checkpoints) before it queues the job, so each stage after
 # `start` is submitted, once the checkpoints it reads exist, by a one-CPU job (sbatch --dependency=afterok)
@@ -26,7 +27,8 @@ SLURM=(--executor slurm --partition "$PARTITION" --account "$ACCOUNT" --cpus-per
 # Flags first, then key=value overrides (argparse reads no flag after them).
 TRAIN=(--nodes "$NODES" --gpus-per-node "$GPUS")
 LAYOUT=("parallel.tensor=$TP" "parallel.pipeline=$PP" train.save_every=50)
-EVAL=(--job eval --nodes 1 --gpus-per-node "$TP" "parallel.tensor=$TP" parallel.pipeline=1)  # TP ranks only
+EVAL=(--job eval --nodes 1 --gpus-per-node "$GPUS")  # every GPU of a node: TP x DP, the work shared by the replicas
+EVAL_LAYOUT=("parallel.tensor=$TP" parallel.pipeline=1)
 stage=${1:-start}
 
 # launch NAME ARGS...: `mdu-dist launch` on the cluster; prints the job ids it submitted, ':'-separated.
@@ -75,21 +77,20 @@ unlearn)
     base=$(launch baselines --job unlearn "${TRAIN[@]}" --sweep "method.name=$BASELINES" "${LAYOUT[@]}" \
            "train.init=$init" "train.output_dir=$RUNS/baselines" data.forget=forget10 data.retain=retain90 \
            "${UNLEARN[@]}")
-    twin=$(launch eval-twin "${EVAL[@]}" "eval.checkpoint=$RUNS/retain_only" "eval.output_dir=$RUNS/retain_only/eval")
+    twin=$(launch eval-twin "${EVAL[@]}" "${EVAL_LAYOUT[@]}" "eval.checkpoint=$RUNS/retain_only" \
+           "eval.output_dir=$RUNS/retain_only/eval")
     after "$mdu:$base:$twin" eval ;;
 eval)
-    ids=()
-    for run in "$RUNS/finetune" $(unlearned); do
-        ids+=("$(launch "eval-${run#"$RUNS"/}" "${EVAL[@]}" "eval.checkpoint=$run" "eval.output_dir=$run/eval" \
-                 "eval.retain_model_eval=$RUNS/retain_only/eval/eval.json")")
-    done
-    after "$(IFS=:; echo "${ids[*]}")" report ;;
+    # One array task per run directory; each writes <run>/eval/eval.json (launch --sweep eval.checkpoint=...).
+    runs=$(echo "$RUNS/finetune" $(unlearned) | tr ' ' ,)
+    ids=$(launch eval "${EVAL[@]}" --sweep "eval.checkpoint=$runs" "${EVAL_LAYOUT[@]}" \
+          "eval.retain_model_eval=$RUNS/retain_only/eval/eval.json")
+    after "$ids" report ;;
 report)
-    files=("$RUNS/retain_only/eval/eval.md" "$RUNS/finetune/eval/eval.md")
-    for run in $(unlearned); do files+=("$run/eval/eval.md"); done
-    if [[ -n ${MDU_DRY_RUN:-} ]]; then echo "report $RUNS/report.md from ${files[*]}" >&2; exit 0; fi
-    for f in "${files[@]}"; do echo "## ${f#"$RUNS"/}"; echo; cat "$f"; echo; done > "$RUNS/report.md"
-    echo "report: $RUNS/report.md" ;;
+    # Every eval.json below $RUNS, labelled by its run's path (finetune, mdu/tau=0.5, baselines/name=ga, ...).
+    cmd=(mdu-dist report "$RUNS" --output "$RUNS/report")
+    if [[ -n ${MDU_DRY_RUN:-} ]]; then printf '%q ' "${cmd[@]}" >&2; echo >&2; exit 0; fi
+    "${cmd[@]}" ;;
 *)
     echo "unknown stage $stage (start, unlearn, eval, report)" >&2
     exit 2 ;;

@@ -32,7 +32,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from mdu_dist.config import ConfigError, load_config, to_dict
     from mdu_dist.eval.run import check_inputs
     from mdu_dist.inputs import check_job
-    from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, sweep_output_dir
+    from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, point_output_dir
     from mdu_dist.launch.task import TrainTask
 
     base = _overrides(args)
@@ -44,11 +44,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     points = parse_sweep(args.sweep)
     configs = []
     for point in points:
-        out = [f"{_output_key(args.job)}={sweep_output_dir(_output_dir(first, args.job), point)}"] if point else []
+        out = ([f"{_output_key(args.job)}={point_output_dir(args.job, _output_dir(first, args.job), point)}"]
+               if point else [])
         cfg = load_config(args.config, [*base, *point, *out])
         # Bad data or a missing checkpoint fails here, not in a queued job hours later.
         check_inputs(cfg) if args.job == "eval" else check_job(cfg, args.job, plan.world_size)
         configs.append(cfg)
+    outputs = [_output_dir(cfg, args.job) for cfg in configs]
+    if len(set(outputs)) < len(outputs):
+        twice = next(o for o in outputs if outputs.count(o) > 1)
+        raise ConfigError(f"--sweep: two points of the sweep would write to {twice}")
     executor = build_executor(first, plan)
     tasks = [TrainTask(to_dict(cfg), args.job) for cfg in configs]
     if len(tasks) == 1:
@@ -99,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--account", help="Slurm account")
     p.add_argument("--sweep", action="append", default=[], metavar="key.sub=v1,v2,...",
                    help="one job per value (a Slurm job array); repeat for a grid; each writes to "
-                        "train.output_dir/<key>=<value> (eval.output_dir/... for eval jobs)")
+                        "train.output_dir/<key>=<value> (eval.output_dir/... for eval jobs; an eval job sweeping "
+                        "eval.checkpoint=RUN1,RUN2,... writes each RUN/eval)")
     p.add_argument("--wait", action="store_true", help="wait for the job(s) and print the final metrics "
                                                        "(always with the local executor)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (launch.* too)")

@@ -62,6 +62,19 @@ def sweep_output_dir(base: str, point: list[str]) -> str:
     return str(Path(base) / name) if name else base
 
 
+def point_output_dir(job: str, base: str, point: list[str]) -> str:
+    """Where a sweep point writes: ``sweep_output_dir``; but an eval job sweeping ``eval.checkpoint`` writes each
+    evaluation into the run's ``eval/``: ``RUN/eval`` for a run directory, ``RUN/eval/step-N`` for a checkpoint
+    ``RUN/checkpoints/step-N[/model]`` (then under the other swept values, if any)."""
+    checkpoints = [o.partition("=")[2] for o in point if o.partition("=")[0] == "eval.checkpoint"]
+    if job != "eval" or not checkpoints:
+        return sweep_output_dir(base, point)
+    parts = Path(checkpoints[0]).parts
+    at = len(parts) - 1 - parts[::-1].index("checkpoints") if "checkpoints" in parts else len(parts)
+    out = Path(*parts[:at]) / "eval" / Path(*parts[at + 1: at + 2])  # the step, if one is named
+    return sweep_output_dir(str(out), [o for o in point if not o.startswith("eval.checkpoint=")])
+
+
 def check_slurm(partition: str) -> None:
     """Refuse slurm without its client commands, or a partition sinfo does not list."""
     for tool in ("sbatch", "srun", "sinfo"):
