@@ -108,6 +108,8 @@ def test_data_parallel_equals_single_process_exactly(checkpoint, single, tmp_pat
     (["eval.checkpoint=CKPT", "eval.limit=2", "eval.retain_model_eval=SINGLE"], "another forget set (3 rows)"),
     (["eval.gen_length=8", "eval.block_length=3"], "eval.gen_length=8 is not a multiple of block_length=3"),
     (["eval.checkpoint=CKPT", "eval.retain_model_eval=/nonexistent/eval.json"], "retain-model eval file not found"),
+    (["eval.checkpoint=CKPT", "eval.tokens_per_batch=8"], "eval.tokens_per_batch=8 is smaller than one ELBO sequence"),
+    (["eval.tokens_per_batch=0"], "eval.tokens_per_batch=0 must be >= 1"),
 ])
 def test_bad_input_one_line(checkpoint, single, tmp_path, args, message, options=()):
     args = [a.replace("CKPT", str(checkpoint)).replace("SINGLE", str(single)) for a in args]
