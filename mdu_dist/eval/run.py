@@ -276,24 +276,26 @@ def elbo_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
     ``eval.tokens_per_batch`` sample tokens (an answer's samples stay in one unit, so its estimate is whole),
     each unit's sample sequences then sharing forwards of at most that many tokens."""
     e = cfg.eval
+    answers = []
+    for row, it in enumerate(items):
+        texts = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
+        texts += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
+        answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in texts]
+    row, which, prompt, ans = max(answers, key=lambda a: a[2].numel() + a[3].numel())
+    longest = prompt.numel() + ans.numel()
+    if longest > e.tokens_per_batch:
+        raise ConfigError(f"eval.tokens_per_batch={e.tokens_per_batch} is smaller than one ELBO sequence: the "
+                          f"longest of the {split} split, row {row} ({which}), has {longest} tokens "
+                          f"(prompt + answer); set eval.tokens_per_batch >= {longest}")
     units: list[Unit] = []
     pack: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
     cost = 0
-    for row, it in enumerate(items):
-        answers = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
-        answers += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
-        for which, answer in answers:
-            prompt, ans = encode(tok, cfg.data.max_length, it.question, answer)
-            length = prompt.numel() + ans.numel()
-            if length > e.tokens_per_batch:
-                raise ConfigError(f"eval.tokens_per_batch={e.tokens_per_batch} is smaller than one ELBO sequence: "
-                                  f"{split} row {row} ({which}) has {length} tokens (prompt + answer); set "
-                                  f"eval.tokens_per_batch >= {length}")
-            pack.append((row, which, prompt, ans))
-            cost += e.num_samples * length
-            if cost >= e.tokens_per_batch:
-                units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
-                pack, cost = [], 0
+    for answer in answers:
+        pack.append(answer)
+        cost += e.num_samples * (answer[2].numel() + answer[3].numel())
+        if cost >= e.tokens_per_batch:
+            units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
+            pack, cost = [], 0
     if pack:
         units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
     return units
