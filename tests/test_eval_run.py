@@ -100,6 +100,21 @@ def test_data_parallel_equals_single_process_exactly(checkpoint, single, tmp_pat
     assert all(len(v) == 2 for v in got["seconds"].values())  # each replica's time per split
 
 
+def test_packed_answers_equal_one_sample_per_forward(checkpoint, single, tmp_path):
+    # The default run packs the samples of several answers into right-padded forwards; eval.batch_size=1 scores
+    # every sample sequence alone, unpadded. Same draws, so the same NLLs up to float32 summation order.
+    out = tmp_path / "one-per-forward"
+    _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, "eval.batch_size=1",
+         f"eval.checkpoint={checkpoint}", f"eval.output_dir={out}")
+    want, got = json.loads(single.read_text())["items"], json.loads((out / "eval.json").read_text())["items"]
+    for split in want:
+        a = [want[split]["answer_nll"], want[split]["correct_nll"], *zip(*want[split]["wrong_nll"])]
+        b = [got[split]["answer_nll"], got[split]["correct_nll"], *zip(*got[split]["wrong_nll"])]
+        for x, y in zip((v for col in a for v in col), (v for col in b for v in col), strict=True):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (split, x, y)
+        assert got[split]["generation"] == want[split]["generation"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval.checkpoint=/nonexistent/ckpt"], "checkpoint directory not found"),
     (["eval.checkpoint=.", "parallel.pipeline=2"], "parallel.pipeline=2 is not supported"),
@@ -108,6 +123,8 @@ def test_data_parallel_equals_single_process_exactly(checkpoint, single, tmp_pat
     (["eval.checkpoint=CKPT", "eval.limit=2", "eval.retain_model_eval=SINGLE"], "another forget set (3 rows)"),
     (["eval.gen_length=8", "eval.block_length=3"], "eval.gen_length=8 is not a multiple of block_length=3"),
     (["eval.checkpoint=CKPT", "eval.retain_model_eval=/nonexistent/eval.json"], "retain-model eval file not found"),
+    (["eval.checkpoint=CKPT", "eval.tokens_per_batch=8"], "eval.tokens_per_batch=8 is smaller than one ELBO sequence"),
+    (["eval.tokens_per_batch=0"], "eval.tokens_per_batch=0 must be >= 1"),
 ])
 def test_bad_input_one_line(checkpoint, single, tmp_path, args, message, options=()):
     args = [a.replace("CKPT", str(checkpoint)).replace("SINGLE", str(single)) for a in args]

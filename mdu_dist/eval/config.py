@@ -27,12 +27,13 @@ class EvalConfig:
     world_facts: str = "world_facts_perturbed"
     limit: int = 0  # first N rows of each split (0 = all); small numbers for CPU runs
     num_samples: int = 128  # ELBO Monte-Carlo samples per answer (128 for the real benchmark)
-    batch_size: int = 32  # ELBO samples per forward
+    batch_size: int = 128  # ELBO sample sequences per forward, at most (tokens_per_batch binds above 64 tokens)
+    tokens_per_batch: int = 8192  # ELBO tokens per forward (rows x longest row), answers packed together
     gen_length: int = 128  # generated tokens for ROUGE
     steps: int = 128  # sampler steps (over the whole generation)
     block_length: int = 32  # semi-autoregressive block length (low_confidence only; Dream's samplers use none)
     sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream); "" = the backbone's
-    gen_batch_size: int = 16  # generations per forward (rows with equal prompt length)
+    gen_batch_size: int = 16  # generations per forward (prompts of any length, left padded)
     retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
     output_dir: str = "runs/eval"
     seed: int = 0
@@ -42,7 +43,8 @@ class EvalConfig:
         bad = [s for s in self.splits if s not in SPLITS]
         if bad or not self.splits:
             raise ConfigError(f"{where}.splits={self.splits}: each must be one of {', '.join(SPLITS)}")
-        for name in ("num_samples", "batch_size", "gen_length", "steps", "block_length", "gen_batch_size"):
+        for name in ("num_samples", "batch_size", "tokens_per_batch", "gen_length", "steps", "block_length",
+                     "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
         if self.limit < 0:

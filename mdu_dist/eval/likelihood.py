@@ -46,7 +46,8 @@ from torch import Tensor
 
 from mdu_dist.losses.cross_entropy import vocab_parallel_cross_entropy
 
-# (ids [B, S], positions bool [B, S]) -> logits [N, V_local] at the N true positions, in row-major order.
+# (ids [B, S], positions bool [B, S][, pad bool [B, S]]) -> logits [N, V_local] at the N true positions, in
+# row-major order; ``pad`` is passed for right-padded forwards only (``score_packed``).
 MaskedLogitsFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -96,24 +97,74 @@ def score_masks(logits_fn: MaskedLogitsFn, prompt: Tensor, answer: Tensor, masks
     ``prompt`` [P] and ``answer`` [L] are token ids, ``masks`` [N, L] bool (l = masks.sum(1) >= 1). The rows are
     scored ``batch_size`` at a time, each chunk as one forward of [chunk, P + L] ids.
     """
-    n_answer, n_prompt = answer.numel(), prompt.numel()
-    masks = masks.to(answer.device)
-    if masks.shape[1] != n_answer or not bool(masks.any(dim=1).all()):
-        raise ValueError("every mask row must cover the answer and mask at least one answer token")
-    scores = []
-    for chunk in masks.split(batch_size):
-        rows = chunk.shape[0]
-        noisy = answer.expand(rows, n_answer).masked_fill(chunk, mask_token_id)
-        ids = torch.cat([prompt.expand(rows, n_prompt), noisy], dim=1)
-        positions = torch.cat([chunk.new_zeros(rows, n_prompt), chunk], dim=1)
-        logits = logits_fn(ids, positions)  # [chunk.sum(), V_local]
+    return score_packed(logits_fn, [(prompt, answer, masks)], mask_token_id=mask_token_id, vocab_size=vocab_size,
+                        vocab_start=vocab_start, group=group, batch_size=batch_size)[0]
+
+
+@torch.no_grad()
+def score_packed(logits_fn: MaskedLogitsFn, answers: list[tuple[Tensor, Tensor, Tensor]], *, mask_token_id: int,
+                 vocab_size: int, vocab_start: int = 0, group: dist.ProcessGroup | None = None,
+                 batch_size: int = 32, tokens_per_batch: int | None = None, pad_token_id: int = 0) -> list[Tensor]:
+    """``score_masks`` of several (prompt, answer, masks) triples at once; one [N_i] float64 tensor per triple.
+
+    Every mask row is one sequence prompt ⊕ noisy answer. The rows of all triples, in order, fill forwards of at
+    most ``batch_size`` rows and at most ``tokens_per_batch`` tokens (rows x the longest row; None = no token
+    limit). A forward whose rows differ in length right-pads them with ``pad_token_id`` and calls
+    ``logits_fn(ids, positions, pad)`` with ``pad`` True at the padding, which the model must keep out of
+    attention (``models.mcore.DiffusionLM``); a forward of equal lengths calls ``logits_fn(ids, positions)``.
+    Each row's X depends on its own sequence only, so it is the same however the rows are packed (up to
+    floating-point summation order inside the forward).
+    """
+    rows = []  # (triple index, sequence ids, scored positions, target ids)
+    for t, (prompt, answer, masks) in enumerate(answers):
+        n_answer, n_prompt = answer.numel(), prompt.numel()
+        masks = masks.to(answer.device)
+        if masks.shape[1] != n_answer or not bool(masks.any(dim=1).all()):
+            raise ValueError("every mask row must cover the answer and mask at least one answer token")
+        if tokens_per_batch is not None and n_prompt + n_answer > tokens_per_batch:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch} is smaller than one sequence "
+                             f"({n_prompt} prompt + {n_answer} answer tokens)")
+        no_prompt = masks.new_zeros(n_prompt)
+        for m in masks:
+            rows.append((t, torch.cat([prompt, answer.masked_fill(m, mask_token_id)]), torch.cat([no_prompt, m]),
+                         torch.cat([prompt, answer])))
+    scores: list[list[Tensor]] = [[] for _ in answers]
+    for chunk in _forwards([r[1].numel() for r in rows], batch_size, tokens_per_batch):
+        batch = [rows[i] for i in chunk]
+        longest = max(r[1].numel() for r in batch)
+        ids = torch.full((len(batch), longest), pad_token_id, dtype=batch[0][1].dtype, device=batch[0][1].device)
+        positions = torch.zeros(len(batch), longest, dtype=torch.bool, device=ids.device)
+        targets = torch.zeros_like(ids)
+        pad = torch.ones_like(positions)
+        for j, (_, seq, scored, target) in enumerate(batch):
+            ids[j, :seq.numel()], positions[j, :seq.numel()] = seq, scored
+            targets[j, :seq.numel()], pad[j, :seq.numel()] = target, False
+        logits = logits_fn(ids, positions, pad) if pad.any() else logits_fn(ids, positions)  # [positions.sum(), V]
         # fp32 cross entropy (fp64 for fp64 logits), reduced over the vocab-parallel group.
-        nll = vocab_parallel_cross_entropy(logits, answer.expand(rows, n_answer)[chunk], group,
-                                           vocab_start=vocab_start, vocab_size=vocab_size)
-        row_of = chunk.nonzero()[:, 0]
-        total = torch.zeros(rows, dtype=torch.float64, device=nll.device).index_add_(0, row_of, nll.double())
-        scores.append(total * n_answer / chunk.sum(dim=1).to(torch.float64))
-    return torch.cat(scores).cpu()
+        nll = vocab_parallel_cross_entropy(logits, targets[positions], group, vocab_start=vocab_start,
+                                           vocab_size=vocab_size)
+        row_of = positions.nonzero()[:, 0]
+        total = torch.zeros(len(batch), dtype=torch.float64, device=nll.device).index_add_(0, row_of, nll.double())
+        n_answer = torch.tensor([answers[r[0]][1].numel() for r in batch], dtype=torch.float64, device=nll.device)
+        x = (total * n_answer / positions.sum(dim=1).to(torch.float64)).cpu()
+        for j, (t, *_) in enumerate(batch):
+            scores[t].append(x[j:j + 1])
+    return [torch.cat(s) if s else torch.zeros(0, dtype=torch.float64) for s in scores]
+
+
+def _forwards(lengths: list[int], batch_size: int, tokens_per_batch: int | None) -> list[list[int]]:
+    """Consecutive runs of row indices, each as long as fits: <= batch_size rows, rows x longest <= tokens."""
+    chunks: list[list[int]] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        if chunks and len(chunks[-1]) < batch_size and (
+                tokens_per_batch is None or (len(chunks[-1]) + 1) * max(longest, n) <= tokens_per_batch):
+            chunks[-1].append(i)
+            longest = max(longest, n)
+        else:
+            chunks.append([i])
+            longest = n
+    return chunks
 
 
 def answer_elbo(logits_fn: MaskedLogitsFn, prompt: Tensor, answer: Tensor, *, mask_token_id: int, vocab_size: int,

@@ -14,11 +14,18 @@ Per split (forget, retain, real_authors, world_facts; each optionally limited to
 - model utility: harmonic mean of the nine utility numbers (``MODEL_UTILITY_KEYS``).
 
 Every random draw is seeded by (``eval.seed``, split, row, answer), so a row's numbers do not depend on
-``eval.limit`` or on the TP layout. Runs on TP ranks (PP = 1): every rank computes, rank 0 writes.
+``eval.limit``, on the TP layout or on how answers are packed into forwards. Runs on TP x DP ranks (PP = 1).
+
+Throughput inside a replica: the ELBO sample sequences of consecutive (row, answer) pairs share forwards of up
+to ``eval.tokens_per_batch`` tokens (right padded, the padding masked out of attention), and generations of
+``eval.gen_batch_size`` rows of any prompt lengths share a batch (left padded, likewise). Both are cut into
+``Unit``s before the units are divided over the DP replicas, so every forward, hence every number, is the same
+whatever the DP size.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -114,7 +121,7 @@ def resolve_tokenizer(cfg, ckpt: Path) -> Path:
 def check_inputs(cfg) -> None:
     """Everything that can fail before a process starts or anything is written: the output directory, PP, the
     checkpoint (its architecture and shapes against the model config), the tokenizer (against the vocabulary),
-    the data, the retain-model file."""
+    the data (every ELBO sequence within eval.tokens_per_batch), the retain-model file."""
     from mdu_dist.data import load_tokenizer
     from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
 
@@ -126,8 +133,11 @@ def check_inputs(cfg) -> None:
     ckpt, _ = resolve_checkpoint(cfg.eval.checkpoint)
     check_checkpoint(ckpt, cfg.model, "eval.checkpoint")
     tokenizer_dir = resolve_tokenizer(cfg, ckpt)
-    check_tokenizer_fits(load_tokenizer(tokenizer_dir), tokenizer_dir, cfg.model.vocab_size)
+    tok = load_tokenizer(tokenizer_dir)
+    check_tokenizer_fits(tok, tokenizer_dir, cfg.model.vocab_size)
     items = {split: split_items(cfg, split) for split in cfg.eval.splits}
+    for split, rows in items.items():
+        elbo_units(cfg, tok, split, rows)
     if cfg.eval.retain_model_eval:
         retain_model_truth_ratios(cfg.eval.retain_model_eval, items.get("forget"))
 
@@ -197,49 +207,41 @@ class Evaluator:
         self.sampler = self.e.sampler_for(m.arch)
 
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those)."""
+    def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+               pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those);
+        ``pad`` marks padding, kept out of attention."""
         from mdu_dist.distributed import device
 
-        if positions is not None:
-            positions = positions.to(device())
-        return self.stage(ids.to(device()), positions).float()
+        positions, pad = (None if t is None else t.to(device()) for t in (positions, pad))
+        return self.stage(ids.to(device()), positions, pad).float()
 
-    def encode(self, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from mdu_dist.data import QA, encode_pair
+    def nll(self, split: str, answers: list[tuple[int, str, torch.Tensor, torch.Tensor]]) -> dict[tuple, float]:
+        """Per-token negative ELBO of each (row, which, prompt, answer), their samples packed into shared forwards."""
+        from mdu_dist.eval.likelihood import ElboEstimate, sample_masks, score_packed
 
-        ids, n_prompt = encode_pair(self.tok, QA(question, answer), self.cfg.data.max_length)
-        ids = torch.tensor(ids, dtype=torch.long)
-        if ids.numel() <= n_prompt:
-            raise ConfigError(f"data.max_length={self.cfg.data.max_length} leaves no answer token: {question[:60]!r}")
-        return ids[:n_prompt], ids[n_prompt:]
-
-    def nll(self, split: str, row: int, which: str, prompt: torch.Tensor, answer: torch.Tensor) -> float:
-        from mdu_dist.eval.likelihood import answer_elbo
-
-        est = answer_elbo(self.logits, prompt, answer, mask_token_id=self.cfg.model.mask_token_id,
-                          vocab_size=self.cfg.model.vocab_size, generator=_seed(self.e.seed, split, row, which),
-                          num_samples=self.e.num_samples, batch_size=self.e.batch_size,
-                          vocab_start=self.stage.vocab_start, group=self.group)
-        return est.nll
-
-    def prompt_ids(self, question: str) -> list[int]:
-        from mdu_dist.data import QA, encode_pair
-
-        ids, n_prompt = encode_pair(self.tok, QA(question, "x"), self.cfg.data.max_length)
-        return ids[:n_prompt]
+        e, m = self.e, self.cfg.model
+        triples = [(prompt, answer, sample_masks(answer.numel(), e.num_samples, _seed(e.seed, split, row, which)))
+                   for row, which, prompt, answer in answers]
+        scores = score_packed(self.logits, triples, mask_token_id=m.mask_token_id, vocab_size=m.vocab_size,
+                              vocab_start=self.stage.vocab_start, group=self.group, batch_size=e.batch_size,
+                              tokens_per_batch=e.tokens_per_batch, pad_token_id=m.pad_token_id)
+        return {("nll", split, row, which): ElboEstimate(x, answer.numel()).nll
+                for (row, which, _, answer), x in zip(answers, scores, strict=True)}
 
     def generate(self, prompts: list[list[int]]) -> list[str]:
-        """Greedy generations of equal-length ``prompts``, one batch, cut at the first stop token and decoded."""
-        from mdu_dist.eval.sampler import dream_generate, generate
+        """Greedy generations of ``prompts`` (any lengths, left padded), one batch, cut at the first stop token
+        and decoded."""
+        from mdu_dist.eval.sampler import dream_generate, generate, left_pad
 
-        prompt = torch.tensor(prompts, dtype=torch.long)
+        prompt, pad = left_pad(prompts, self.cfg.model.pad_token_id, self.e.gen_length)
+        logits_fn = self.logits if pad is None else functools.partial(self.logits, pad=pad)
         common = dict(gen_length=self.e.gen_length, steps=self.e.steps, mask_token_id=self.cfg.model.mask_token_id,
                       vocab_size=self.cfg.model.vocab_size, vocab_start=self.stage.vocab_start, group=self.group)
         if self.sampler == "low_confidence":
-            tokens = generate(self.logits, prompt, block_length=self.e.block_length, **common)
+            tokens = generate(logits_fn, prompt, block_length=self.e.block_length, **common)
         else:
-            tokens = dream_generate(self.logits, prompt, alg=self.sampler, **common)
+            tokens = dream_generate(logits_fn, prompt, alg=self.sampler, **common)
         out = []
         for seq in tokens.cpu().tolist():
             cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))
@@ -247,37 +249,77 @@ class Evaluator:
         return out
 
     def units(self, split: str, items: list[Item]) -> list[Unit]:
-        """The split's work: one unit per (row, answer) ELBO and one per generation batch.
+        return elbo_units(self.cfg, self.tok, split, items) + generation_units(self.cfg, self.tok, split, items)
 
-        Generation batches hold rows of equal prompt length, ``eval.gen_batch_size`` at most, formed before any
-        work is divided, so a row is generated in the same batch whatever the DP size (bitwise-equal results).
-        """
-        e = self.e
-        units = []
-        for row, it in enumerate(items):
-            answers = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
-            answers += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
-            for which, answer in answers:
-                prompt, ans = self.encode(it.question, answer)
-                units.append(Unit(("nll", split, row, which), e.num_samples * (len(prompt) + len(ans)),
-                                  (prompt, ans)))
-        prompts = [self.prompt_ids(it.question) for it in items]
-        by_length: dict[int, list[int]] = {}
-        for row, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(row)
-        batches = [rows[i: i + e.gen_batch_size] for rows in by_length.values()
-                   for i in range(0, len(rows), e.gen_batch_size)]
-        for b, rows in enumerate(batches):
-            units.append(Unit(("gen", split, b), e.steps * len(rows) * (len(prompts[rows[0]]) + e.gen_length),
-                              (tuple(rows), [prompts[r] for r in rows])))
-        return units
-
-    def run_unit(self, unit: Unit):
-        kind, split, index, *rest = unit.key
+    def run_unit(self, unit: Unit) -> dict[tuple, object]:
+        """The unit's results by result key: ("nll", split, row, which) -> NLL, ("gen", split, row) -> text."""
+        kind, split, _ = unit.key
         if kind == "nll":
-            return self.nll(split, index, rest[0], *unit.payload)
+            return self.nll(split, unit.payload)
         rows, prompts = unit.payload
-        return dict(zip(rows, self.generate(prompts), strict=True))
+        return {("gen", split, row): text for row, text in zip(rows, self.generate(prompts), strict=True)}
+
+
+def encode(tok, max_length: int, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids, answer ids) of one question and answer, as training encodes them."""
+    from mdu_dist.data import QA, encode_pair
+
+    ids, n_prompt = encode_pair(tok, QA(question, answer), max_length)
+    ids = torch.tensor(ids, dtype=torch.long)
+    if ids.numel() <= n_prompt:
+        raise ConfigError(f"data.max_length={max_length} leaves no answer token: {question[:60]!r}")
+    return ids[:n_prompt], ids[n_prompt:]
+
+
+def elbo_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
+    """The split's ELBO work: consecutive (row, answer) pairs packed into units of at least
+    ``eval.tokens_per_batch`` sample tokens (an answer's samples stay in one unit, so its estimate is whole),
+    each unit's sample sequences then sharing forwards of at most that many tokens."""
+    e = cfg.eval
+    answers = []
+    for row, it in enumerate(items):
+        texts = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
+        texts += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
+        answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in texts]
+    row, which, prompt, ans = max(answers, key=lambda a: a[2].numel() + a[3].numel())
+    longest = prompt.numel() + ans.numel()
+    if longest > e.tokens_per_batch:
+        raise ConfigError(f"eval.tokens_per_batch={e.tokens_per_batch} is smaller than one ELBO sequence: the "
+                          f"longest of the {split} split, row {row} ({which}), has {longest} tokens "
+                          f"(prompt + answer); set eval.tokens_per_batch >= {longest}")
+    units: list[Unit] = []
+    pack: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
+    cost = 0
+    for answer in answers:
+        pack.append(answer)
+        cost += e.num_samples * (answer[2].numel() + answer[3].numel())
+        if cost >= e.tokens_per_batch:
+            units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
+            pack, cost = [], 0
+    if pack:
+        units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
+    return units
+
+
+def generation_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
+    """The split's generations: rows sorted by prompt length (so a batch pads little), cut into batches of
+    ``eval.gen_batch_size``. Formed before any work is divided, so a row is generated in the same batch
+    whatever the DP size (bitwise-equal results)."""
+    from mdu_dist.data import QA, encode_pair
+
+    e = cfg.eval
+    prompts = []
+    for it in items:
+        ids, n_prompt = encode_pair(tok, QA(it.question, "x"), cfg.data.max_length)
+        prompts.append(ids[:n_prompt])
+    order = sorted(range(len(items)), key=lambda r: (len(prompts[r]), r))
+    units = []
+    for b in range(0, len(order), e.gen_batch_size):
+        rows = order[b: b + e.gen_batch_size]
+        longest = max(len(prompts[r]) for r in rows)
+        units.append(Unit(("gen", split, len(units)), e.steps * len(rows) * (longest + e.gen_length),
+                          (tuple(rows), [prompts[r] for r in rows])))
+    return units
 
 
 @dataclass(frozen=True)
@@ -312,11 +354,7 @@ def split_numbers(split: str, items: list[Item], results: dict) -> tuple[dict[st
     wrong_nll = [[results["nll", split, i, f"wrong{j}"] for j in range(len(it.wrong))] for i, it in enumerate(items)]
     k = min(len(w) for w in wrong_nll)
     wrong = [w[:k] for w in wrong_nll]  # open-unlearning stacks the options: equal counts
-    generated: dict[int, str] = {}
-    for key, value in results.items():
-        if key[0] == "gen" and key[1] == split:
-            generated.update(value)
-    generations = [generated[i] for i in range(len(items))]
+    generations = [results["gen", split, i] for i in range(len(items))]
     rouge = [M.rouge_l(g, it.answer) for g, it in zip(generations, items)]
     tr = M.truth_ratios(correct_nll, wrong)
     p = PREFIX[split]
@@ -366,7 +404,7 @@ def evaluate(cfg) -> dict:
         with tqdm(total=sum(u.cost for u in mine), desc=desc, unit="tok", unit_scale=True, disable=not ev.show,
                   leave=False) as bar:
             for unit in mine:
-                local[unit.key] = ev.run_unit(unit)
+                local.update(ev.run_unit(unit))
                 bar.update(unit.cost)
         busy[split] = round(time.perf_counter() - start, 2)
     gathered: list = [None] * replicas

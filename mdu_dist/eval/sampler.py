@@ -14,6 +14,12 @@ rule as argmax(exp(z) / (-log u)^T), u ~ U(0, 1). The mask token and the padded 
 
 Dream's logits are already shifted inside the model (position i predicts token i), so one sampler serves both.
 
+Prompts of different lengths share a batch left padded (``left_pad``): every row's canvas is P_max prompt
+columns then the G generated ones, so the generated columns line up. The padding is prompt, never a generated
+column, so it is never a candidate, never transferred and never ranked; ``logits_fn`` must keep it out of
+attention and number positions from each row's first real token (``DiffusionLM``'s ``pad``), which makes a
+padded row's logits those of the row alone.
+
 Vocab-parallel: ``logits_fn`` returns this rank's slice [vocab_start, vocab_start + V_local) of the vocabulary.
 The argmax needs an all-reduce MAX of each row's local best score and an all-reduce MIN of the global indices
 that reach it (the lowest index wins a tie, as torch.argmax does); the confidence needs the chosen token's
@@ -114,9 +120,9 @@ def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int
              group: dist.ProcessGroup | None = None) -> Tensor:
     """Generate ``gen_length`` tokens after ``prompt`` [B, P] by low-confidence remasking; returns [B, gen_length].
 
-    Rows of a batch share the prompt length P (the model takes no attention mask, so padding would change
-    the result). Steps that unmask no token in any row (steps per block > block_length) are skipped: they
-    cannot change x.
+    Rows of a batch share the prompt length P (left padded by ``left_pad`` when their prompts differ; the pad
+    mask is ``logits_fn``'s). Steps that unmask no token in any row (steps per block > block_length) are
+    skipped: they cannot change x.
     """
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of block_length={block_length}")
@@ -147,6 +153,21 @@ def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int
             x[:, lo:hi] = transfer_most_confident(x[:, lo:hi], tokens.view(batch, block_length),
                                                   confidence.view(batch, block_length), k, mask_token_id)
     return x[:, n_prompt:]
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, gen_length: int) -> tuple[Tensor, Tensor | None]:
+    """Prompts of any lengths as one [B, P_max] batch, left padded with ``pad_token_id``, and the canvas's pad
+    mask [B, P_max + gen_length] (True at the padding; None when no row is padded)."""
+    if not prompts or not all(prompts):
+        raise ValueError("left_pad needs at least one prompt, each of at least one token")
+    longest = max(len(p) for p in prompts)
+    batch = torch.tensor([[pad_token_id] * (longest - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    if all(len(p) == longest for p in prompts):
+        return batch, None
+    pad = torch.zeros(len(prompts), longest + gen_length, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        pad[row, :longest - len(p)] = True
+    return batch, pad
 
 
 def transfer_most_confident(x: Tensor, tokens: Tensor, confidence: Tensor, k: Tensor, mask_token_id: int) -> Tensor:

@@ -6,16 +6,23 @@ signature, megatron's [s, b, heads, head_dim] layouts in, [s, b, heads x head_di
 the kernel: flash / memory-efficient on CUDA, the fused CPU kernel or the math path on CPU. It holds no
 parameters, so checkpoints and the HF key maps are those of the local spec.
 
-    out = softmax(q k^T * scale) v,   scale = 1 / sqrt(head_dim),   no mask (masked diffusion attends both ways)
+    out = softmax(q k^T * scale + M) v,   scale = 1 / sqrt(head_dim),
+    M[b, i, j] = -inf where key j of row b is padding, else 0   (no causal mask: masked diffusion attends both ways)
 
 with each KV head shared by heads / groups query heads (GQA: SDPA's ``enable_gqa``, no expanded copies of k
-and v) and no dropout. Gradients are SDPA's own.
+and v) and no dropout. Gradients are SDPA's own (zero through the masked keys).
+
+The mask is megatron's convention, a bool ``attention_mask`` of shape [b, 1, 1, s] that is True at the keys to
+drop (``models.mcore.DiffusionLM`` builds it from its ``pad`` argument); None means every key is attended. A
+row must keep at least one key, or its softmax is 0/0. megatron's local ``DotProductAttention`` reads the same
+mask (its unfused softmax fills -10000 instead of -inf: exp underflows to exactly 0 all the same).
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -45,12 +52,19 @@ class SDPAttention(MegatronModule):
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params=None) -> Tensor:
         """[s, b, heads, d] queries, [s, b, groups, d] keys and values -> [s, b, heads x d]."""
-        if attention_mask is not None or attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("SDPAttention takes no attention mask, bias or packed sequences")
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention takes no attention bias or packed sequences")
         s, b = query.shape[:2]
+        keep = None
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.shape != (b, 1, 1, key.shape[0]):
+                raise ValueError(f"SDPAttention's attention_mask is a bool [b, 1, 1, s] = [{b}, 1, 1, {key.shape[0]}] "
+                                 f"padding mask (True = drop the key); got {attention_mask.dtype} "
+                                 f"{tuple(attention_mask.shape)}")
+            keep = ~attention_mask  # SDPA's bool mask is True where attention is allowed
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # SDPA's [b, n, s, d], as strided views
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False, scale=self.scale,
-                                             enable_gqa=self.gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False,
+                                             scale=self.scale, enable_gqa=self.gqa)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 

@@ -8,6 +8,8 @@ with the padding columns at -inf, and (Dream) the logits shifted right by one al
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +84,28 @@ def layer_spec(attention: str = "sdpa"):
     return spec
 
 
+@functools.cache
+def _row_position_gpt_model() -> type:
+    """megatron-core's GPTModel with rotary embeddings that follow ``position_ids`` row by row.
+
+    GPTModel builds its RoPE table for positions 0..S-1 from the sequence length alone and ignores
+    ``position_ids``; a left-padded row needs its real tokens at positions 0, 1, ... as in the unpadded row.
+    The table row of each (row, token) position id is gathered: [S, 1, 1, d] -> [S, B, 1, d], which megatron's
+    RoPE broadcasts over the heads as before (for position_ids = arange the values are the same table rows).
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    class RowPositionGPTModel(GPTModel):
+        def _preprocess(self, input_ids, position_ids, **kwargs):
+            out = super()._preprocess(input_ids=input_ids, position_ids=position_ids, **kwargs)
+            table = out[1]
+            if table is None or position_ids is None:
+                return out
+            return (out[0], table[:, 0, 0][position_ids.t()].unsqueeze(2), *out[2:])
+
+    return RowPositionGPTModel
+
+
 class DiffusionLM(nn.Module):
     """One pipeline stage of a masked-diffusion backbone on megatron-core.
 
@@ -93,8 +117,6 @@ class DiffusionLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: int, pp: int, pre_process: bool, post_process: bool,
                  tp_rank: int = 0, dtype: torch.dtype = torch.float32, recompute: str = "none"):
         super().__init__()
-        from megatron.core.models.gpt import GPTModel
-
         self.cfg = cfg
         self.shift_logits = ARCHS[cfg.arch].shift_logits
         self.padded_vocab = cfg.padded_vocab_size(tp)
@@ -103,39 +125,65 @@ class DiffusionLM(nn.Module):
         self.post_process = post_process
         # Named ``module`` so megatron-core's get_attr_wrapped_model finds config, model_type and
         # set_input_tensor on the GPTModel, as it does through DDP wrappers.
-        self.module = GPTModel(
+        self.module = _row_position_gpt_model()(
             transformer_config(cfg, tp, pp, dtype, recompute), layer_spec(cfg.attention), vocab_size=self.padded_vocab,
             max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V_local] on the last stage, or, given ``positions`` (bool [B, S]), only the logits at
         those positions, [N, V_local] in row-major order: the output layer (the largest matmul of a step at
-        LLaDA's vocabulary) then runs on the N positions a loss reads, not on the whole sequence."""
+        LLaDA's vocabulary) then runs on the N positions a loss reads, not on the whole sequence.
+
+        ``pad`` (bool [B, S], True at padding; left or right) drops the padded keys from every attention and
+        numbers each row's positions from 0 at its first real token, so a padded row's real positions get the
+        logits of the unpadded row. Every stage must get the same ``pad``.
+        """
         b, s = input_ids.shape
-        position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        if pad is None:
+            position_ids, attention_mask = torch.arange(s, device=input_ids.device).expand(b, s), None
+        else:
+            if self.cfg.attention == "te":
+                raise ValueError("model.attention=te takes no padding mask here; use model.attention=sdpa or local")
+            if pad.shape != (b, s) or pad.dtype != torch.bool:
+                raise ValueError(f"pad must be a bool [B, S] = [{b}, {s}] mask; got {pad.dtype} {tuple(pad.shape)}")
+            position_ids = ((~pad).cumsum(dim=1) - 1).clamp(min=0)
+            attention_mask = pad[:, None, None, :]  # megatron's convention: True = this key is dropped
         if not self.post_process:
-            return self.module(input_ids, position_ids, attention_mask=None)
+            return self.module(input_ids, position_ids, attention_mask=attention_mask)
+        source = self._predicting_column(pad, b, s, input_ids.device)
         if positions is None:
-            out = self.module(input_ids, position_ids, attention_mask=None)
-            if self.shift_logits:
-                out = torch.cat([out[:, :1], out[:, :-1]], dim=1)
+            out = self.module(input_ids, position_ids, attention_mask=attention_mask)
+            if source is not None:
+                out = out.gather(1, source[..., None].expand(-1, -1, out.shape[-1]))
             return self._mask_padding(out)
-        hidden = self._final_hidden_states(input_ids, position_ids)  # [S, B, h]
+        hidden = self._final_hidden_states(input_ids, position_ids, attention_mask)  # [S, B, h]
         rows, cols = positions.nonzero(as_tuple=True)
-        if self.shift_logits:  # Dream: token i is predicted from output position i - 1 (position 0 from 0)
-            cols = (cols - 1).clamp(min=0)
+        if source is not None:
+            cols = source[rows, cols]
         logits, _ = self.module.output_layer(hidden[cols, rows].unsqueeze(1))
         return self._mask_padding(logits.squeeze(1))
 
-    def _final_hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _predicting_column(self, pad: torch.Tensor | None, b: int, s: int, device) -> torch.Tensor | None:
+        """[B, S] output column that predicts token i (None: column i, no shift). Dream predicts token i from
+        column i - 1, and a row's first token from itself; with left padding that first token is the first real
+        one, whose left neighbour is padding."""
+        if not self.shift_logits:
+            return None
+        column = torch.arange(s, device=device).expand(b, s)
+        previous = (column - 1).clamp(min=0)
+        return previous if pad is None else torch.where(pad.gather(1, previous), column, previous)
+
+    def _final_hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                             attention_mask: torch.Tensor | None) -> torch.Tensor:
         # GPTModel returns its decoder's (final-normed) hidden states instead of logits when post_process is off;
         # that flag is read only there during forward.
         self.module.post_process = False
         try:
-            return self.module(input_ids, position_ids, attention_mask=None)
+            return self.module(input_ids, position_ids, attention_mask=attention_mask)
         finally:
             self.module.post_process = True
 
