@@ -159,7 +159,7 @@ def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
     how reductions are split. Pinning all three makes the results a function of the settings alone."""
     env = {}
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
     if cpu_isa in CPU_ISAS:
         aten, mkl, onednn = CPU_ISAS[cpu_isa]
         env.update(ATEN_CPU_CAPABILITY=aten, MKL_CBWR=mkl, ONEDNN_MAX_CPU_ISA=onednn)

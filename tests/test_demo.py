@@ -95,7 +95,8 @@ def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
 
 
 def test_numerics_env_pins_every_library():
-    assert numerics_env("avx2", 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
+    assert numerics_env("avx2", 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE",
+                                       "ATEN_CPU_CAPABILITY": "avx2",
                                        "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert numerics_env("native", 0) == {}
 

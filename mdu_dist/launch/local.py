@@ -59,9 +59,11 @@ def _die_with_parent(parent_pid: int) -> None:
 def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, fn: Callable, args: tuple,
            results, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    # MKL_DYNAMIC off: by default MKL may use fewer threads than asked when the machine is busy, which changes
+    # the summation order, so a resumed run would not replay the uninterrupted one bit for bit.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS=str(threads))
+                      OMP_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
     if cpu_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import warnings
