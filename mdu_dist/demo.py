@@ -39,9 +39,9 @@ from mdu_dist.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
-QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4", "eval_rows=3", "batch_size=4",
-         "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2", "gen_length=8", "steps=4",
-         "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
+QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4",
+         "eval_rows=3", "batch_size=4", "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2",
+         "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
 
 # cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA): one instruction set for ATen's vectorised
 # kernels, MKL's BLAS (conditional numerical reproducibility) and oneDNN, instead of whatever each library
@@ -228,14 +228,11 @@ def _train(cfg, job: str) -> float:
 
 
 def _eval(cfg) -> tuple[dict, float]:
-    from mdu_dist.eval.run import evaluate, markdown, write_atomic
+    from mdu_dist.eval.run import evaluate, write_eval
 
     start = time.perf_counter()
     result = evaluate(cfg)
-    out = Path(cfg.eval.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "eval.json", json.dumps(result, indent=1, sort_keys=True))
-    write_atomic(out / "eval.md", markdown(result))
+    write_eval(result, Path(cfg.eval.output_dir))
     return result["metrics"], time.perf_counter() - start
 
 
@@ -267,7 +264,8 @@ def run_pipeline(d: DemoConfig) -> dict:
     t0 = time.perf_counter()
     data = write_data(d, out / "data")
     tokenizer = write_tokenizer(d, data, out / "tokenizer")
-    distributed.init(d.job_config("pretrain", str(out)).parallel, d.job_config("pretrain", str(out)).model)
+    layout = d.job_config("pretrain", str(out))
+    distributed.init(layout.parallel, layout.model)
     runs: dict[str, dict] = {}
     seconds: dict[str, float] = {}
 
@@ -432,6 +430,8 @@ def plot_losses(result: dict, out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mdu_dist.eval.report import save_png
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     offset = 0  # pre-training, then the fine-tunes, on one step axis
     for name in SHARED[:2]:
@@ -460,7 +460,7 @@ def plot_losses(result: dict, out: Path, path: Path) -> None:
         ax.legend(fontsize=6, ncol=2)
     axes[0].set_yscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -98,8 +98,7 @@ def full_work(num_samples: int, gen_length: int, steps: int, chars_per_token: fl
         elbo = elbo_flops = gen_flops = 0
         for it in items:
             prompt = template_tokens + tokens(it.question)
-            answers = [it.answer] + ([] if it.correct == it.answer else [it.correct]) + list(it.wrong)
-            for a in answers:
+            for _, a in it.scored():
                 s = prompt + tokens(a)
                 elbo += num_samples
                 elbo_flops += num_samples * forward_flops(m, s, s, (tokens(a) + 1) / 2)

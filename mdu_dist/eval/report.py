@@ -61,7 +61,8 @@ def table(runs: dict) -> list[str]:
     return lines + [f"| {name} | " + " | ".join(_pm(run, k) for _, k in COLUMNS) + " |" for name, run in runs.items()]
 
 
-def _save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written to a temporary name and renamed (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=100, format="png")
     tmp.replace(path)
@@ -97,7 +98,7 @@ def plot_tradeoff(runs: dict, path: Path, stars: tuple[str, ...] = (), title: st
     axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 

@@ -50,6 +50,12 @@ class Item:
     correct: str  # the answer the truth ratio compares against (paraphrase for forget/retain)
     wrong: tuple[str, ...]  # perturbed answers
 
+    def scored(self) -> list[tuple[str, str]]:
+        """(key, text) of every answer whose ELBO is scored: the answer, the paraphrase when it differs, and
+        each perturbed answer (wrong0, wrong1, ...)."""
+        texts = [("answer", self.answer)] + ([] if self.correct == self.answer else [("correct", self.correct)])
+        return texts + [(f"wrong{j}", w) for j, w in enumerate(self.wrong)]
+
 
 def load_items(split: str, source: str, tofu_dir: str, limit: int, question_key: str = "question",
                answer_key: str = "answer") -> list[Item]:
@@ -278,9 +284,7 @@ def elbo_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
     e = cfg.eval
     answers = []
     for row, it in enumerate(items):
-        texts = [("answer", it.answer)] + ([] if it.correct == it.answer else [("correct", it.correct)])
-        texts += [(f"wrong{j}", w) for j, w in enumerate(it.wrong)]
-        answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in texts]
+        answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in it.scored()]
     row, which, prompt, ans = max(answers, key=lambda a: a[2].numel() + a[3].numel())
     longest = prompt.numel() + ans.numel()
     if longest > e.tokens_per_batch:
@@ -305,13 +309,8 @@ def generation_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
     """The split's generations: rows sorted by prompt length (so a batch pads little), cut into batches of
     ``eval.gen_batch_size``. Formed before any work is divided, so a row is generated in the same batch
     whatever the DP size (bitwise-equal results)."""
-    from mdu_dist.data import QA, encode_pair
-
     e = cfg.eval
-    prompts = []
-    for it in items:
-        ids, n_prompt = encode_pair(tok, QA(it.question, "x"), cfg.data.max_length)
-        prompts.append(ids[:n_prompt])
+    prompts = [encode(tok, cfg.data.max_length, it.question, "x")[0].tolist() for it in items]
     order = sorted(range(len(items)), key=lambda r: (len(prompts[r]), r))
     units = []
     for b in range(0, len(order), e.gen_batch_size):
@@ -464,6 +463,13 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def write_eval(result: dict, out: Path) -> None:
+    """``out/eval.json`` and ``out/eval.md`` of one evaluation, each atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "eval.json", json.dumps(result, indent=1, sort_keys=True))
+    write_atomic(out / "eval.md", markdown(result))
+
+
 def run_eval(cfg) -> dict:
     """Entry point of one rank: process groups, the evaluation, rank 0 writes eval.json / eval.md."""
     import torch.distributed as dist
@@ -474,10 +480,7 @@ def run_eval(cfg) -> dict:
     try:
         result = evaluate(cfg)
         if dist.get_rank() == 0:
-            out = Path(cfg.eval.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / "eval.json", json.dumps(result, indent=1, sort_keys=True))
-            write_atomic(out / "eval.md", markdown(result))
+            write_eval(result, Path(cfg.eval.output_dir))
         return result["metrics"]
     finally:
         distributed.shutdown()

@@ -91,7 +91,7 @@ def _row_position_gpt_model() -> type:
     GPTModel builds its RoPE table for positions 0..S-1 from the sequence length alone and ignores
     ``position_ids``; a left-padded row needs its real tokens at positions 0, 1, ... as in the unpadded row.
     The table row of each (row, token) position id is gathered: [S, 1, 1, d] -> [S, B, 1, d], which megatron's
-    RoPE broadcasts over the heads as before (for position_ids = arange the values are the same table rows).
+    RoPE broadcasts over the heads as before. Without ``position_ids`` it is GPTModel unchanged.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -144,7 +144,9 @@ class DiffusionLM(nn.Module):
         """
         b, s = input_ids.shape
         if pad is None:
-            position_ids, attention_mask = torch.arange(s, device=input_ids.device).expand(b, s), None
+            # No position ids: with RoPE, GPTModel numbers every row 0..S-1 itself, and the per-row rotary gather
+            # below is only paid by padded (evaluation) batches, not by training steps.
+            position_ids, attention_mask = None, None
         else:
             if self.cfg.attention == "te":
                 raise ValueError("model.attention=te takes no padding mask here; use model.attention=sdpa or local")
