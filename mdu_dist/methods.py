@@ -39,7 +39,7 @@ class MethodConfig:
     gamma: float = 0.0  # SimNPO reward margin
     weighting: str = "inverse_t"  # masked-diffusion loss weight: inverse_t | none | geometric
     eps: float = 1e-3  # t = eps + (1 - eps) U(0, 1)
-    special_token_ids: list[int] = field(default_factory=list)  # for exclude_special_tokens
+    special_token_ids: list[int] = field(default_factory=list)  # for exclude_special_tokens; [] = the tokenizer's
 
     def validate(self, where: str = "method") -> None:
         from mdu_dist.losses import DIRECTIONS, WEIGHTINGS

@@ -71,6 +71,12 @@ class Trainer:
         m = cfg.model
         inputs = prepare(cfg, job, self.dp)  # every input checked on this rank before its first write
         self.data = inputs.data
+        if cfg.method.exclude_special_tokens and not cfg.method.special_token_ids:
+            # An empty list would exclude nothing: it means the tokenizer's special tokens
+            # (every added token marked special: the chat template's too, which all_special_ids may omit).
+            added = [i for i, t in inputs.tokenizer.added_tokens_decoder.items() if t.special]
+            cfg.method.special_token_ids = sorted({*added, *inputs.tokenizer.all_special_ids, m.mask_token_id,
+                                                   m.eos_token_id, m.pad_token_id})
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)

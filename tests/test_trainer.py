@@ -231,3 +231,17 @@ def test_mdu_trainer_steps_on_the_device(tmp_path):
     got = runs["device"]
     assert got["device"].startswith("cuda" if torch.cuda.is_available() else "cpu"), got["device"]
     assert got["reference_built"] and all(math.isfinite(x) for pair in got["losses"] for x in pair), got["losses"]
+
+
+def test_exclude_special_tokens_without_a_list_excludes_the_tokenizers(tmp_path):
+    """``method.special_token_ids=[]`` with exclusion on means the tokenizer's special tokens, not none."""
+    from multiproc import run_distributed
+
+    from mdu_dist.data import TINY_IDS
+
+    on = ["method.exclude_special_tokens=true"]
+    (runs,) = run_distributed(_three_steps, 1, str(tmp_path), {
+        "implicit": on, "explicit": [*on, f"method.special_token_ids=[{','.join(map(str, TINY_IDS.values()))}]"],
+        "off": []})
+    assert runs["implicit"]["losses"] == runs["explicit"]["losses"]
+    assert runs["implicit"]["losses"][0][0] != runs["off"]["losses"][0][0]
