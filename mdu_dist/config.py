@@ -121,6 +121,7 @@ class TrainConfig:
     # Activation recomputation of the policy (models.mcore.RECOMPUTE): none | selective (core attention) |
     # full (every layer). The frozen reference runs under no_grad and stores nothing either way.
     recompute: str = "none"
+    progress: bool = True  # the tqdm bar (TensorBoard scalars are written either way)
 
     def validate(self, where: str = "train") -> None:
         for name in ("epochs", "log_every"):

@@ -3,7 +3,8 @@
 1. Data (written under ``<output_dir>/data``): the first ``pretrain_rows`` rows of TOFU real_authors and of
    world_facts plus the last ``pretrain_author_rows`` rows of retain90 (other fictitious authors, with long
    answers; the "pre-training corpus": general knowledge that no later stage touches), the first
-   ``forget_rows`` rows of forget10 (the forget set) and the first ``retain_rows`` rows of retain90 (the retain
+   ``forget_rows`` rows of forget10 (the forget set) and the first ``retain_rows`` rows of retain90 with
+   ``retain_general_rows`` pre-trained real_authors / world_facts rows each that are not evaluated (the retain
    set). One BPE tokenizer is trained on all of it, as a backbone's tokenizer is on its whole corpus.
 2. Pre-train the tiny model from random init on the general rows ("pretrained", the stand-in for a backbone
    such as LLaDA-8B), then fine-tune it on forget + retain ("finetuned", TOFU's fine-tuned model) and, from the
@@ -20,8 +21,9 @@
    (every seed).
 
 Numerics are pinned (``threads``, ``cpu_isa``; see ``numerics_env``) so that the same settings give the same
-bits on any x86-64 machine with AVX2, not only on the one that ran them. Everything runs in one process (one
-gloo rank): the libraries load once.
+bits on any x86-64 machine with AVX2, not only on the one that ran them. Stages that do not depend on each
+other (the two fine-tunes; the seeds' unlearning runs and evaluations) run in ``workers`` processes side by
+side, each stage on one thread, so the results do not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from mdu_dist.errors import ConfigError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
-QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=4",
+QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=3",
+         "retain_general_rows=1",
          "eval_rows=3", "batch_size=4", "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2",
          "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
 
@@ -64,7 +67,11 @@ class DemoConfig:
     # it generates into a longer canvas than any it was trained on (each batch pads to its longest row).
     pretrain_author_rows: int = 40
     forget_rows: int = 20  # first N rows of forget10: the forget set (20 = the first fictitious author)
-    retain_rows: int = 20  # first N rows of retain90: the retain set
+    retain_rows: int = 20  # first N rows of retain90: the retain set's authors
+    # + this many pre-trained real_authors and world_facts rows each (rows general_rows.., never evaluated): the
+    # tiny model's MDU otherwise generalises "forget" to every short answer (generation ROUGE 1.0 -> 0.1) while
+    # their likelihoods stay (normalised probability >= 0.98), as retain sets with general data do at scale.
+    retain_general_rows: int = 4
     # The fine-tunes also replay the pre-trained real_authors / world_facts rows: the tiny model forgets them
     # entirely in a fine-tune without them (generation ROUGE 1.0 -> 0.0), which a backbone of billions does not.
     replay_facts: bool = True
@@ -75,8 +82,10 @@ class DemoConfig:
     pretrain_lr: float = 1e-3
     finetune_epochs: int = 250
     finetune_lr: float = 1e-3
-    unlearn_epochs: int = 10
-    unlearn_lr: float = 1e-3
+    # A tenth of the fine-tune's learning rate over more steps: at 1e-3, Adam's first steps move every weight
+    # about as much, and the tiny model loses its short answers along with the forget set.
+    unlearn_epochs: int = 50
+    unlearn_lr: float = 1e-4
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
     taus: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # one MDU run per tau
     num_samples: int = 8  # ELBO samples per answer (128 in the real benchmark)
@@ -87,6 +96,7 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # unlearning + evaluation, one pass each
     threads: int = 1  # torch intra-op threads (summation order depends on it); 0 = one per core
     cpu_isa: str = "avx2"  # avx2 | default | native (each library picks from the host CPU: not reproducible)
+    workers: int = 2  # worker processes running independent stages side by side (one thread each by default)
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
     def validate(self, where: str = "demo") -> None:
@@ -110,6 +120,12 @@ class DemoConfig:
         if self.general_rows > self.pretrain_rows:
             raise ConfigError(f"{where}.general_rows={self.general_rows} is more than pretrain_rows="
                               f"{self.pretrain_rows}: the evaluation would score rows the model never saw")
+        if self.retain_general_rows < 0 or self.general_rows + self.retain_general_rows > self.pretrain_rows:
+            raise ConfigError(f"{where}.retain_general_rows={self.retain_general_rows}: must be >= 0 and, with "
+                              f"general_rows={self.general_rows}, at most pretrain_rows={self.pretrain_rows} (the "
+                              "retain set takes pre-trained rows that are not evaluated)")
+        if self.workers < 1:
+            raise ConfigError(f"{where}.workers={self.workers} must be >= 1")
         bad = [m for m in self.methods if m not in METHODS or m == "mdu"]
         if bad:
             raise ConfigError(f"{where}.methods: {bad[0]!r} is not a baseline (known: "
@@ -186,13 +202,14 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     forget = _qa(_read(d.tofu_dir, "forget10")[: d.forget_rows])
     retain90 = _read(d.tofu_dir, "retain90")
-    retain = _qa(retain90[: d.retain_rows])
-    facts = _qa(_read(d.tofu_dir, "real_authors")[: d.pretrain_rows]) + _qa(_read(d.tofu_dir, "world_facts")[
-        : d.pretrain_rows])
+    authors = _qa(retain90[: d.retain_rows])
+    split_facts = [_qa(_read(d.tofu_dir, name)[: d.pretrain_rows]) for name in ("real_authors", "world_facts")]
+    facts = [r for rows in split_facts for r in rows]
+    kept = [r for rows in split_facts for r in rows[d.general_rows: d.general_rows + d.retain_general_rows]]
     general = facts + _qa(retain90[len(retain90) - d.pretrain_author_rows:])
-    replay = facts if d.replay_facts else []
-    files = {"pretrain": general, "forget": forget, "retain": retain, "finetune_full": forget + retain + replay,
-             "finetune_retain_only": retain + replay}
+    tuned = facts if d.replay_facts else kept  # the general rows the fine-tunes see again
+    files = {"pretrain": general, "forget": forget, "retain": authors + kept,
+             "finetune_full": forget + authors + tuned, "finetune_retain_only": authors + tuned}
     for split in ("real_authors", "world_facts"):  # with their perturbed answers, for the truth ratio
         files[f"eval_{split}"] = _read(d.tofu_dir, f"{split}_perturbed")[: d.general_rows]
     paths = {}
@@ -244,13 +261,28 @@ def _slug(name: str) -> str:
     return name.replace(" ", "_").replace("=", "")
 
 
-def run_pipeline(d: DemoConfig) -> dict:
-    """One rank: pre-train, fine-tune, twin, then per seed the unlearning runs and every evaluation; returns the
-    results (also written to disk)."""
+@dataclass
+class Stage:
+    """One training or evaluation job of the demo, run in a worker process."""
+
+    key: str  # its name in run_info.json's timings
+    name: str  # the model it trains or evaluates (in config errors)
+    overrides: list[str]
+    seed: int | None = None
+    job: str = ""  # finetune | unlearn; "" = an evaluation
+
+    @property
+    def output_dir(self) -> str:
+        return next(o.split("=", 1)[1] for o in self.overrides if o.startswith(("train.output_dir=",
+                                                                                "eval.output_dir=")))
+
+
+def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
+    """One worker process (one gloo rank): ``stages`` in order. Returns key -> (metrics of an evaluation, else
+    None; seconds), and the worker's machine facts."""
     import torch
 
     from mdu_dist import distributed
-    from mdu_dist.checkpoint.steps import latest_checkpoint
 
     # Refuse any op without a deterministic CPU kernel; but do not NaN-fill every torch.empty (the check's
     # default), which made a training step ~13x slower and changes no result.
@@ -259,72 +291,127 @@ def run_pipeline(d: DemoConfig) -> dict:
     # A memorising model drives gradients and optimizer updates into the subnormal range, where x86 arithmetic
     # runs tens of times slower; flushing them to zero (FTZ/DAZ) is itself deterministic.
     torch.set_flush_denormal(True)
+    layout = d.job_config("layout", "x")
+    distributed.init(layout.parallel, layout.model)
+    done = {}
+    try:
+        for s in stages:
+            _say(f"{s.key}: started")
+            cfg = d.job_config(s.name, s.output_dir, s.overrides, s.seed)
+            if s.job:
+                done[s.key] = (None, _train(cfg, s.job))
+            else:
+                metrics, seconds = _eval(cfg)
+                if s.name == "retain-only":  # against itself: the KS p-value of identical samples (1)
+                    from mdu_dist.eval.metrics import forget_quality
+                    from mdu_dist.eval.run import retain_model_truth_ratios
+
+                    tr = retain_model_truth_ratios(str(Path(s.output_dir) / "eval.json"))
+                    metrics["forget_quality"] = forget_quality(tr, tr)
+                done[s.key] = (metrics, seconds)
+            _say(f"{s.key}: done in {done[s.key][1]:.0f} s")
+    finally:
+        distributed.shutdown()
+    return done, machine_info()
+
+
+def share_out(chains: list[list[Stage]], workers: int) -> list[list[Stage]]:
+    """Chains (stages that must run in order) dealt to at most ``workers`` workers, longest first to the least
+    loaded (stages of one kind cost about the same)."""
+    loads: list[list[Stage]] = [[] for _ in range(min(workers, len(chains)))]
+    for chain in sorted(chains, key=len, reverse=True):  # sorted() is stable: ties keep their order
+        min(loads, key=len).extend(chain)
+    return loads
+
+
+def run_phase(d: DemoConfig, chains: list[list[Stage]]) -> tuple[dict, dict]:
+    """Every chain run, ``d.workers`` worker processes side by side; results keyed by stage."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mdu_dist.launch.local import run_ranks
+
+    threads = d.threads or max(1, (os.cpu_count() or 1) // d.workers)
+    with ThreadPoolExecutor(d.workers) as pool:
+        outs = list(pool.map(lambda stages: run_ranks(run_stages, 1, d, stages, threads=threads)[0],
+                             share_out(chains, d.workers)))
+    return {k: v for done, _ in outs for k, v in done.items()}, outs[0][1]
+
+
+def run_pipeline(d: DemoConfig) -> dict:
+    """Pre-train, fine-tune, twin, then per seed the unlearning runs and every evaluation, in three phases of
+    worker processes; returns the results (also written to disk). Each stage runs on one thread whatever the
+    worker it lands on, so the results do not depend on ``workers``."""
+    from mdu_dist.checkpoint.steps import latest_checkpoint
+
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
     data = write_data(d, out / "data")
     tokenizer = write_tokenizer(d, data, out / "tokenizer")
-    layout = d.job_config("pretrain", str(out))
-    distributed.init(layout.parallel, layout.model)
-    runs: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
+    quiet = [] if d.workers == 1 else ["train.progress=false", "eval.progress=false"]  # bars would interleave
 
-    def train_stage(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Path:
-        _say(f"{job} {name}" + ("" if seed is None else f" (seed {seed})"))
-        seconds[f"train {name}" + ("" if seed is None else f" seed {seed}")] = _train(
-            d.job_config(name, str(run_dir), [f"train.tokenizer={tokenizer}", *extra], seed), job)
-        return latest_checkpoint(run_dir / "checkpoints") / "model"
+    def train(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
+        return Stage(f"train {name}" + ("" if seed is None else f" seed {seed}"), name,
+                     [f"train.tokenizer={tokenizer}", *quiet, *extra, f"train.output_dir={run_dir}"], seed, job)
 
-    try:
-        pretrained = train_stage("pretrained", out / "pretrain", "finetune", [
-            f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])
-        ft = [f"train.init={pretrained}", f"train.epochs={d.finetune_epochs}", f"optim.lr={d.finetune_lr}"]
-        finetuned = train_stage("finetuned", out / "finetune", "finetune", [
-            *ft, f"data.finetune={data['finetune_full']}"])
-        twin = train_stage("retain-only", out / "retain_only", "finetune", [
-            *ft, f"data.finetune={data['finetune_retain_only']}"])
-        for name, ckpt in zip(SHARED, (pretrained, finetuned, twin)):
-            runs[name] = {"method": name, "tau": None, "checkpoint": rel(ckpt), "run_dir": rel(ckpt.parents[2]),
-                          "seeds": {}}
-        jobs = [(f"mdu tau={tau:g}", "mdu", tau) for tau in d.taus] + [(m, m, None) for m in d.methods]
+    def evaluate(name: str, seed: int, checkpoint: Path) -> Stage:
+        extra = [f"eval.checkpoint={checkpoint}", f"eval.real_authors={data['eval_real_authors']}",
+                 f"eval.world_facts={data['eval_world_facts']}", *quiet]
+        if name != "retain-only":
+            extra.append(f"eval.retain_model_eval={out / 'eval' / f'seed{seed}' / 'retain-only' / 'eval.json'}")
+        return Stage(f"eval {name} seed {seed}", name,
+                     [*extra, f"eval.output_dir={out / 'eval' / f'seed{seed}' / _slug(name)}"], seed)
+
+    dirs = {"pretrained": out / "pretrain", "finetuned": out / "finetune", "retain-only": out / "retain_only"}
+    done, machine = run_phase(d, [[train("pretrained", dirs["pretrained"], "finetune", [
+        f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])]])
+    ft = [f"train.init={latest_checkpoint(dirs['pretrained'] / 'checkpoints') / 'model'}",
+          f"train.epochs={d.finetune_epochs}", f"optim.lr={d.finetune_lr}"]
+    # The twin's evaluations go with it: every unlearned model's forget quality reads its seed's.
+    more, _ = run_phase(d, [
+        [train("finetuned", dirs["finetuned"], "finetune", [*ft, f"data.finetune={data['finetune_full']}"])],
+        [train("retain-only", dirs["retain-only"], "finetune",
+               [*ft, f"data.finetune={data['finetune_retain_only']}"]),
+         *[evaluate("retain-only", seed, dirs["retain-only"]) for seed in d.seeds]]])
+    done.update(more)
+    finetuned = latest_checkpoint(dirs["finetuned"] / "checkpoints") / "model"
+    jobs = [(f"mdu tau={tau:g}", "mdu", tau) for tau in d.taus] + [(m, m, None) for m in d.methods]
+    chains = [[evaluate(name, seed, dirs[name])] for seed in d.seeds for name in ("pretrained", "finetuned")]
+    for seed in d.seeds:
         for name, method, tau in jobs:
-            runs[name] = {"method": method, "tau": tau, "seeds": {}}
-        for seed in d.seeds:
-            for name, method, tau in jobs:
-                run_dir = out / "unlearn" / f"seed{seed}" / _slug(name)
-                ckpt = train_stage(name, run_dir, "unlearn", [
-                    f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
-                    f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
-                    *([f"method.tau={tau}"] if tau is not None else [])], seed)
-                runs[name]["seeds"][str(seed)] = {"checkpoint": rel(ckpt), "run_dir": rel(run_dir)}
-            twin_eval = out / "eval" / f"seed{seed}" / "retain-only" / "eval.json"
-            for name in ["retain-only", *[n for n in runs if n != "retain-only"]]:
-                _say(f"evaluating {name} (seed {seed})")
-                run = runs[name]["seeds"].setdefault(str(seed), {})
-                ckpt = out / run.get("checkpoint", runs[name].get("checkpoint"))
-                eval_dir = out / "eval" / f"seed{seed}" / _slug(name)
-                extra = [f"eval.checkpoint={ckpt}", f"eval.output_dir={eval_dir}",
-                         f"eval.real_authors={data['eval_real_authors']}",
-                         f"eval.world_facts={data['eval_world_facts']}"]
-                if name != "retain-only":
-                    extra.append(f"eval.retain_model_eval={twin_eval}")
-                metrics, seconds[f"eval {name} seed {seed}"] = _eval(d.job_config(name, str(out), extra, seed))
-                if name == "retain-only":  # against itself: the KS p-value of identical samples (1)
-                    from mdu_dist.eval.metrics import forget_quality
-                    from mdu_dist.eval.run import retain_model_truth_ratios
+            run_dir = out / "unlearn" / f"seed{seed}" / _slug(name)
+            chains.append([train(name, run_dir, "unlearn", [
+                f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
+                f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
+                *([f"method.tau={tau}"] if tau is not None else [])], seed), evaluate(name, seed, run_dir)])
+            dirs[f"{name} seed {seed}"] = run_dir
+    more, _ = run_phase(d, chains)
+    done.update(more)
 
-                    tr = retain_model_truth_ratios(str(twin_eval))
-                    metrics["forget_quality"] = forget_quality(tr, tr)
-                run.update(metrics=metrics, eval_dir=rel(eval_dir))
-    finally:
-        distributed.shutdown()
     from mdu_dist.eval.report import aggregate
 
-    for run in runs.values():
+    runs: dict[str, dict] = {}
+    for name in SHARED:
+        ckpt = latest_checkpoint(dirs[name] / "checkpoints") / "model"
+        runs[name] = {"method": name, "tau": None, "checkpoint": rel(ckpt), "run_dir": rel(dirs[name]),
+                      "seeds": {}}
+    for name, method, tau in jobs:
+        runs[name] = {"method": method, "tau": tau, "seeds": {}}
+    for name, run in runs.items():
+        for seed in d.seeds:
+            entry = run["seeds"][str(seed)] = {}
+            if name not in SHARED:
+                run_dir = dirs[f"{name} seed {seed}"]
+                entry.update(checkpoint=rel(latest_checkpoint(run_dir / "checkpoints") / "model"),
+                             run_dir=rel(run_dir))
+            entry.update(metrics=done[f"eval {name} seed {seed}"][0],
+                         eval_dir=rel(out / "eval" / f"seed{seed}" / _slug(name)))
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
-    settings = {k: v for k, v in asdict(d).items() if k != "output_dir"}  # where it ran changes no number
+    # Where it ran and how many workers ran it change no number.
+    settings = {k: v for k, v in asdict(d).items() if k not in ("output_dir", "workers")}
     result = {"runs": runs, "settings": settings}
-    info = {"total_seconds": time.perf_counter() - t0, "seconds": seconds, "machine": machine_info()}
+    info = {"total_seconds": time.perf_counter() - t0, "workers": d.workers,
+            "seconds": {k: seconds for k, (_, seconds) in done.items()}, "machine": machine}
     write_outputs(result, info, out)
     return result
 
@@ -393,12 +480,14 @@ def results_markdown(result: dict, info: dict) -> str:
              f"last {s['pretrain_author_rows']} of retain90 (authors no later stage sees) "
              f"({s['pretrain_epochs']} epochs at lr {s['pretrain_lr']:g}); fine-tuned from there on the first "
              f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90 "
-             f"(the retain set){replay}, and a retain-only twin on the same minus the forget rows "
+             f"{replay}, and a retain-only twin on the same minus the forget rows "
              f"({s['finetune_epochs']} epochs at lr "
              f"{s['finetune_lr']:g}; these three shared by all seeds, seed {s['seed']}). Unlearning: "
-             f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}, batch {s['batch_size']}. Evaluated on "
-             f"the first {s['eval_rows']} forget / retain rows and {s['general_rows']} real_authors / world_facts "
-             f"rows, {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
+             f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}, batch {s['batch_size']}; retain set: those "
+             f"{s['retain_rows']} retain90 rows + {s['retain_general_rows']} pre-trained real_authors and "
+             f"world_facts rows each that are not evaluated. Evaluated on the first {s['eval_rows']} forget / "
+             f"retain rows and the first {s['general_rows']} real_authors / world_facts rows (never in a retain "
+             "set), {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
              f"{s['steps']} steps. Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
              "(unlearning and evaluation).", "", *table(result["runs"])]
     m = info["machine"]
@@ -476,13 +565,11 @@ def write_outputs(result: dict, info: dict, out: Path) -> None:
 
 
 def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) -> int:
-    from mdu_dist.launch.local import run_ranks
-
     d = load_demo_config(path, overrides, quick)
     start = time.perf_counter()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("build/torch_extensions").absolute()))
     os.environ.update(numerics_env(d.cpu_isa, d.threads))  # the worker reads them when torch loads
-    result = run_ranks(run_pipeline, 1, d, threads=d.threads or None)[0]
+    result = run_pipeline(d)
     out = Path(d.output_dir)
     print((out / "results.md").read_text())
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")

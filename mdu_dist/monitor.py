@@ -29,7 +29,7 @@ def check_finite(metrics: dict[str, float], step: int, batch_desc: str) -> None:
 
 class Monitor:
     def __init__(self, log_dir: str | Path | None, total_steps: int, initial_step: int = 0, enabled: bool = True,
-                 desc: str = "train"):
+                 desc: str = "train", progress: bool = True):
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -41,7 +41,8 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(log_dir))
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
+                        disable=not progress)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -257,7 +257,8 @@ class Trainer:
                 start = self.resume(latest)
         prefix = "unlearn/" if self.job == "unlearn" else ""
         monitor = Monitor(self.out / "tensorboard", self.total_steps, start, enabled=self.writer_rank,
-                          desc=f"{self.job} ({self.cfg.method.name})" if self.job == "unlearn" else self.job)
+                          desc=f"{self.job} ({self.cfg.method.name})" if self.job == "unlearn" else self.job,
+                          progress=self.cfg.train.progress)
         metrics: dict[str, float] = {}
         try:
             for step in range(start, self.total_steps):

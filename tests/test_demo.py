@@ -19,7 +19,7 @@ MODELS = ["pretrained", "finetuned", "retain-only", "mdu tau=0.5", "ga", "graddi
 SEEDS = ["0", "1"]
 
 
-def _quick(out: Path, **env) -> subprocess.CompletedProcess:
+def _quick(out: Path, *overrides: str, **env) -> subprocess.CompletedProcess:
     """Started from an empty directory next to ``out`` (``cd $(mktemp -d) && mdu-dist demo --quick``): the demo
     finds its TOFU rows in the package, not relative to the working directory."""
     cwd = out.parent / f"cwd_{out.name}"
@@ -27,7 +27,7 @@ def _quick(out: Path, **env) -> subprocess.CompletedProcess:
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                                 str(Path("build/torch_extensions").absolute())),
            **env}
-    proc = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", f"output_dir={out}"],
+    proc = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", f"output_dir={out}", *overrides],
                           capture_output=True, text=True, env=env, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -81,16 +81,22 @@ def test_quick_demo_end_to_end(quick_demo):
     assert forget <= {r["question"] for r in data["finetune_full"]}
     assert not forget & {r["question"] for r in data["finetune_retain_only"] + data["pretrain"]}
     pretrain = {r["question"] for r in data["pretrain"]}
-    assert {r["question"] for r in data["eval_real_authors"] + data["eval_world_facts"]} <= pretrain
+    evaluated = {r["question"] for r in data["eval_real_authors"] + data["eval_world_facts"]}
+    assert evaluated <= pretrain
+    # The retain set's general rows (one of each split in --quick) are pre-trained rows that are not evaluated.
+    general = {r["question"] for r in data["retain"]} - {r["question"] for r in data["finetune_retain_only"][:8]}
+    assert len(general) == 2 and general <= pretrain and not general & evaluated
     info = json.loads((out / "run_info.json").read_text())
     assert info["machine"]["threads"] == 1 and info["machine"]["cpu_capability"] == "AVX2"
 
 
 def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
     """A second run, started as if on another machine (another thread default, MKL told the CPU has no
-    AVX-512), writes the same results.json byte for byte: the demo pins threads and kernels itself."""
+    AVX-512) and with every stage in one worker process instead of two side by side, writes the same
+    results.json byte for byte: the demo pins threads and kernels itself, and no stage depends on its worker."""
     first, _ = quick_demo
-    _quick(tmp_path / "b", OMP_NUM_THREADS="1", MKL_ENABLE_INSTRUCTIONS="AVX2", ATEN_CPU_CAPABILITY="default")
+    _quick(tmp_path / "b", "workers=1", OMP_NUM_THREADS="1", MKL_ENABLE_INSTRUCTIONS="AVX2",
+           ATEN_CPU_CAPABILITY="default")
     assert (tmp_path / "b" / "results.json").read_bytes() == (first / "results.json").read_bytes()
 
 
@@ -111,8 +117,24 @@ def test_numerics_env_pins_every_library():
     ("batch_size=32", "forget_rows=20 is fewer than batch_size=32"),
     ("seeds=[1,1]", "demo.seeds=[1, 1] must be a non-empty list of distinct seeds"),
     ("cpu_isa=avx9", "demo.cpu_isa='avx9' must be one of avx2, default, native"),
+    ("retain_general_rows=9", "demo.retain_general_rows=9: must be >= 0 and, with general_rows=16, at most "
+                              "pretrain_rows=24"),
+    ("workers=0", "demo.workers=0 must be >= 1"),
 ])
 def test_bad_demo_settings_are_named(override, needle):
     with pytest.raises(ConfigError) as e:
         load_demo_config(None, [override])
     assert needle in str(e.value)
+
+
+def test_stages_are_dealt_to_workers_in_chains_and_balanced():
+    from mdu_dist.demo import Stage, share_out
+
+    def chain(name, n):
+        return [Stage(f"{name}{i}", name, [f"eval.output_dir={name}{i}"]) for i in range(n)]
+
+    chains = [chain("e", 1), chain("u", 2), chain("v", 2), chain("f", 1), chain("w", 2)]
+    loads = share_out(chains, 2)
+    assert [[s.key for s in load] for load in loads] == [["u0", "u1", "w0", "w1"], ["v0", "v1", "e0", "f0"]]
+    assert [len(x) for x in share_out(chains, 9)] == [2, 2, 2, 1, 1]  # no more workers than chains
+    assert [s.key for s in share_out(chains, 1)[0]] == ["u0", "u1", "v0", "v1", "w0", "w1", "e0", "f0"]
