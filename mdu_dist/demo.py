@@ -33,7 +33,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from mdu_dist.errors import ConfigError
@@ -330,10 +330,13 @@ def run_phase(d: DemoConfig, chains: list[list[Stage]]) -> tuple[dict, dict]:
 
     from mdu_dist.launch.local import run_ranks
 
-    threads = d.threads or max(1, (os.cpu_count() or 1) // d.workers)
-    with ThreadPoolExecutor(d.workers) as pool:
-        outs = list(pool.map(lambda stages: run_ranks(run_stages, 1, d, stages, threads=threads)[0],
-                             share_out(chains, d.workers)))
+    loads = share_out(chains, d.workers)
+    if len(loads) > 1:  # progress bars of processes side by side would overwrite each other: one line per stage
+        loads = [[replace(s, overrides=[*s.overrides, "train.progress=false", "eval.progress=false"]) for s in load]
+                 for load in loads]
+    threads = d.threads or max(1, (os.cpu_count() or 1) // len(loads))
+    with ThreadPoolExecutor(len(loads)) as pool:
+        outs = list(pool.map(lambda stages: run_ranks(run_stages, 1, d, stages, threads=threads)[0], loads))
     return {k: v for done, _ in outs for k, v in done.items()}, outs[0][1]
 
 
@@ -348,15 +351,14 @@ def run_pipeline(d: DemoConfig) -> dict:
     t0 = time.perf_counter()
     data = write_data(d, out / "data")
     tokenizer = write_tokenizer(d, data, out / "tokenizer")
-    quiet = [] if d.workers == 1 else ["train.progress=false", "eval.progress=false"]  # bars would interleave
 
     def train(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
         return Stage(f"train {name}" + ("" if seed is None else f" seed {seed}"), name,
-                     [f"train.tokenizer={tokenizer}", *quiet, *extra, f"train.output_dir={run_dir}"], seed, job)
+                     [f"train.tokenizer={tokenizer}", *extra, f"train.output_dir={run_dir}"], seed, job)
 
     def evaluate(name: str, seed: int, checkpoint: Path) -> Stage:
         extra = [f"eval.checkpoint={checkpoint}", f"eval.real_authors={data['eval_real_authors']}",
-                 f"eval.world_facts={data['eval_world_facts']}", *quiet]
+                 f"eval.world_facts={data['eval_world_facts']}"]
         if name != "retain-only":
             extra.append(f"eval.retain_model_eval={out / 'eval' / f'seed{seed}' / 'retain-only' / 'eval.json'}")
         return Stage(f"eval {name} seed {seed}", name,
