@@ -32,6 +32,7 @@ import copy
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -254,7 +255,9 @@ def _eval(cfg) -> tuple[dict, float]:
 
 
 def _say(text: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {text}", flush=True)
+    # One write per line: workers side by side share the terminal (print writes the newline separately).
+    sys.stdout.write(f"[demo {time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stdout.flush()
 
 
 def _slug(name: str) -> str:
@@ -481,7 +484,7 @@ def results_markdown(result: dict, info: dict) -> str:
              f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts and the "
              f"last {s['pretrain_author_rows']} of retain90 (authors no later stage sees) "
              f"({s['pretrain_epochs']} epochs at lr {s['pretrain_lr']:g}); fine-tuned from there on the first "
-             f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90 "
+             f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90"
              f"{replay}, and a retain-only twin on the same minus the forget rows "
              f"({s['finetune_epochs']} epochs at lr "
              f"{s['finetune_lr']:g}; these three shared by all seeds, seed {s['seed']}). Unlearning: "
@@ -489,7 +492,7 @@ def results_markdown(result: dict, info: dict) -> str:
              f"{s['retain_rows']} retain90 rows + {s['retain_general_rows']} pre-trained real_authors and "
              f"world_facts rows each that are not evaluated. Evaluated on the first {s['eval_rows']} forget / "
              f"retain rows and the first {s['general_rows']} real_authors / world_facts rows (never in a retain "
-             "set), {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
+             f"set), {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
              f"{s['steps']} steps. Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
              "(unlearning and evaluation).", "", *table(result["runs"])]
     m = info["machine"]

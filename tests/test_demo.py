@@ -71,6 +71,7 @@ def test_quick_demo_end_to_end(quick_demo):
     table = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + len(MODELS) and all(ln.count("|") == table[0].count("|") for ln in table)
     assert "±" in table[1]
+    assert "{" not in (out / "results.md").read_text()  # every placeholder of the text filled in
     for png in ("loss_curves.png", "forget_vs_utility.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
