@@ -270,14 +270,10 @@ class Stage:
 
     key: str  # its name in run_info.json's timings
     name: str  # the model it trains or evaluates (in config errors)
+    output_dir: Path  # a training's run directory, an evaluation's eval.json directory
     overrides: list[str]
     seed: int | None = None
     job: str = ""  # finetune | unlearn; "" = an evaluation
-
-    @property
-    def output_dir(self) -> str:
-        return next(o.split("=", 1)[1] for o in self.overrides if o.startswith(("train.output_dir=",
-                                                                                "eval.output_dir=")))
 
 
 def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
@@ -300,7 +296,8 @@ def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict
     try:
         for s in stages:
             _say(f"{s.key}: started")
-            cfg = d.job_config(s.name, s.output_dir, s.overrides, s.seed)
+            cfg = d.job_config(s.name, str(s.output_dir), s.overrides if s.job else [
+                *s.overrides, f"eval.output_dir={s.output_dir}"], s.seed)
             if s.job:
                 done[s.key] = (None, _train(cfg, s.job))
             else:
@@ -309,7 +306,7 @@ def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict
                     from mdu_dist.eval.metrics import forget_quality
                     from mdu_dist.eval.run import retain_model_truth_ratios
 
-                    tr = retain_model_truth_ratios(str(Path(s.output_dir) / "eval.json"))
+                    tr = retain_model_truth_ratios(str(s.output_dir / "eval.json"))
                     metrics["forget_quality"] = forget_quality(tr, tr)
                 done[s.key] = (metrics, seconds)
             _say(f"{s.key}: done in {done[s.key][1]:.0f} s")
@@ -356,16 +353,18 @@ def run_pipeline(d: DemoConfig) -> dict:
     tokenizer = write_tokenizer(d, data, out / "tokenizer")
 
     def train(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
-        return Stage(f"train {name}" + ("" if seed is None else f" seed {seed}"), name,
-                     [f"train.tokenizer={tokenizer}", *extra, f"train.output_dir={run_dir}"], seed, job)
+        return Stage(f"train {name}" + ("" if seed is None else f" seed {seed}"), name, run_dir,
+                     [f"train.tokenizer={tokenizer}", *extra], seed, job)
+
+    def eval_dir(name: str, seed: int) -> Path:
+        return out / "eval" / f"seed{seed}" / _slug(name)
 
     def evaluate(name: str, seed: int, checkpoint: Path) -> Stage:
         extra = [f"eval.checkpoint={checkpoint}", f"eval.real_authors={data['eval_real_authors']}",
                  f"eval.world_facts={data['eval_world_facts']}"]
         if name != "retain-only":
-            extra.append(f"eval.retain_model_eval={out / 'eval' / f'seed{seed}' / 'retain-only' / 'eval.json'}")
-        return Stage(f"eval {name} seed {seed}", name,
-                     [*extra, f"eval.output_dir={out / 'eval' / f'seed{seed}' / _slug(name)}"], seed)
+            extra.append(f"eval.retain_model_eval={eval_dir('retain-only', seed) / 'eval.json'}")
+        return Stage(f"eval {name} seed {seed}", name, eval_dir(name, seed), extra, seed)
 
     dirs = {"pretrained": out / "pretrain", "finetuned": out / "finetune", "retain-only": out / "retain_only"}
     done, machine = run_phase(d, [[train("pretrained", dirs["pretrained"], "finetune", [
@@ -409,8 +408,7 @@ def run_pipeline(d: DemoConfig) -> dict:
                 run_dir = dirs[f"{name} seed {seed}"]
                 entry.update(checkpoint=rel(latest_checkpoint(run_dir / "checkpoints") / "model"),
                              run_dir=rel(run_dir))
-            entry.update(metrics=done[f"eval {name} seed {seed}"][0],
-                         eval_dir=rel(out / "eval" / f"seed{seed}" / _slug(name)))
+            entry.update(metrics=done[f"eval {name} seed {seed}"][0], eval_dir=rel(eval_dir(name, seed)))
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
     # Where it ran and how many workers ran it change no number.
     settings = {k: v for k, v in asdict(d).items() if k not in ("output_dir", "workers")}

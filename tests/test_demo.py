@@ -132,7 +132,7 @@ def test_stages_are_dealt_to_workers_in_chains_and_balanced():
     from mdu_dist.demo import Stage, share_out
 
     def chain(name, n):
-        return [Stage(f"{name}{i}", name, [f"eval.output_dir={name}{i}"]) for i in range(n)]
+        return [Stage(f"{name}{i}", name, Path(f"{name}{i}"), []) for i in range(n)]
 
     chains = [chain("e", 1), chain("u", 2), chain("v", 2), chain("f", 1), chain("w", 2)]
     loads = share_out(chains, 2)
