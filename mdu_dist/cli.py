@@ -10,7 +10,8 @@ import sys
 import warnings
 
 from mdu_dist.checkpoint.errors import CheckpointError
-from mdu_dist.config import ConfigError, load_config
+from mdu_dist.checkpoint.source import load_job_config
+from mdu_dist.config import ConfigError
 from mdu_dist.data import DataError
 
 
@@ -37,7 +38,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from mdu_dist.models.dense import count_parameters, init_weights
     from mdu_dist.models.mcore_layout import shard
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job_config(args.config, args.overrides, "info")
     print(f"mdu-dist {__version__} | Python {platform.python_version()}")
     for module in ("torch", "megatron.core", "deepspeed", "transformers", "submitit"):
         print(f"  {module:<14} {_version(module)}")
@@ -68,14 +69,14 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it, else on
-    ``--nproc`` local processes (default TP x PP)."""
+    """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it (on its world size:
+    TP x PP x DP), else on ``--nproc`` local processes (default TP x PP)."""
     from mdu_dist.inputs import check_job
-    from mdu_dist.launch.local import run_ranks
+    from mdu_dist.launch.local import launched_world_size, run_ranks
     from mdu_dist.trainer import run_job
 
-    cfg = load_config(args.config, args.overrides)
-    nproc = args.nproc or cfg.parallel.tensor * cfg.parallel.pipeline
+    cfg = load_job_config(args.config, args.overrides, args.command)
+    nproc = args.nproc or launched_world_size() or cfg.parallel.tensor * cfg.parallel.pipeline
     check_job(cfg, args.command, nproc)  # every input, before any process starts or anything is written
     results = run_ranks(run_job, nproc, cfg, args.command)
     final = results[-1]
@@ -89,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``eval``: TOFU metrics of ``eval.checkpoint`` on ``--nproc`` local ranks (TP x DP; or under a launcher)."""
     from mdu_dist.eval.run import main_eval
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job_config(args.config, args.overrides, "eval")
     metrics = main_eval(cfg, args.nproc)
     shown = {k: v for k, v in metrics.items() if v is not None and not k.endswith("_f1")}
     print("eval finished: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(job, help=text, description=text, epilog=key_help(keys),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config (default: the built-in defaults)")
-        p.add_argument("--nproc", type=int, help="local processes when not under a launcher (default TP x PP)")
+        p.add_argument("--nproc", type=int, help="local processes when not under a launcher (default TP x PP; under "
+                                                  "torchrun / srun: the launcher's world size)")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
         p.set_defaults(func=cmd_train)
     ev = sub.add_parser("eval", help="TOFU metrics (probability, ROUGE-L, truth ratio, forget quality, model "

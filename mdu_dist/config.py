@@ -241,23 +241,28 @@ def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def apply_overrides(data: dict, overrides: list[str] = ()) -> dict:
+    """A copy of the config tree ``data`` with each ``key.sub=value`` set (not validated yet)."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(tree, keys, value)
+    return tree
+
+
 def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>", cls: type = Config) -> Any:
-    tree = dict(data or {})
     try:
-        for text in overrides:
-            keys, value = _parse_override(text)
-            _set_dotted(tree, keys, value)
-        cfg = _build(cls, tree, "")
+        cfg = _build(cls, apply_overrides(data, overrides), "")
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
-    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate; ``path=None`` starts from defaults."""
+def read_config_file(path: str | Path | None) -> tuple[dict, str]:
+    """The YAML tree of ``path`` and the name errors give it; ``None``: no file, the defaults."""
     if path is None:
-        return config_from_dict({}, overrides, "<defaults>", cls)
+        return {}, "<defaults>"
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -267,7 +272,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return config_from_dict(data or {}, overrides, str(path), cls)
+    return data or {}, str(path)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), cls: type = Config) -> Any:
+    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate; ``path=None`` starts from defaults."""
+    data, source = read_config_file(path)
+    return config_from_dict(data, overrides, source, cls)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -117,7 +117,7 @@ def test_packed_answers_equal_one_sample_per_forward(checkpoint, single, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["eval.checkpoint=/nonexistent/ckpt"], "checkpoint directory not found"),
-    (["eval.checkpoint=.", "parallel.pipeline=2"], "parallel.pipeline=2 is not supported"),
+    (["eval.checkpoint=CKPT", "parallel.pipeline=2"], "parallel.pipeline=2 is not supported"),
     (["eval.splits=[forget,bogus]"], "eval.splits"),
     (["eval.sampler=origin"], "eval.sampler='origin'"),
     (["eval.checkpoint=CKPT", "eval.limit=2", "eval.retain_model_eval=SINGLE"], "another forget set (3 rows)"),

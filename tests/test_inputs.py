@@ -57,8 +57,7 @@ def _refused(capsys, argv: list[str]) -> str:
 CASES = {  # name -> (overrides, what the one line must say); FILES[...] and OUT are filled in
     "missing-init": (["train.init=/nonexistent/ckpt"], "train.init=/nonexistent/ckpt: checkpoint directory not found"),
     "dream-init-for-llada": (["train.init={dream}"],
-                             "train.init={dream}: {dream}/config.json: model_type='Dream' but a llada checkpoint "
-                             "has model_type='llada'"),
+                             "train.init={dream}: the checkpoint has arch='dream' but model.arch='llada' is set"),
     "tokenizer-larger-than-vocab": (["train.tokenizer={tok600}", "model.vocab_size=300"],
                                     "tokenizer {tok600} has 600 tokens, more than model.vocab_size=300"),
     "prompt-too-long-for-trained-tokenizer": (["data.max_length=8"], "does not fit data.max_length=8"),
@@ -89,7 +88,7 @@ def test_output_dir_that_is_a_file(tmp_path, capsys, job):
 
 EVAL_CASES = {
     "dream-checkpoint-for-llada": (["eval.checkpoint={dream}"],
-                                   "eval.checkpoint={dream}: {dream}/config.json: model_type='Dream'"),
+                                   "eval.checkpoint={dream}: the checkpoint has arch='dream' but model.arch='llada'"),
     "tokenizer-larger-than-vocab": (["eval.checkpoint={llada300}", "eval.tokenizer={tok600}", "model.vocab_size=300"],
                                     "tokenizer {tok600} has 600 tokens, more than model.vocab_size=300"),
     "missing-tokenizer": (["eval.checkpoint={llada300}", "model.vocab_size=300"],

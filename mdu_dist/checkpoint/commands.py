@@ -36,7 +36,7 @@ def _run(fn, args: argparse.Namespace) -> int:
 
 def _model_config(args: argparse.Namespace):
     """The run's ModelConfig: --config YAML (+ overrides), or config.json + overrides, or None (config.json)."""
-    from mdu_dist.checkpoint.hf import CONFIG_FILE, _read_json, hf_config_to_model_config
+    from mdu_dist.checkpoint.hf import CONFIG_FILE, read_json, hf_config_to_model_config
 
     if args.config:
         return load_config(args.config, args.overrides).model
@@ -44,7 +44,7 @@ def _model_config(args: argparse.Namespace):
         return None
     path = f"{args.hf_dir}/{CONFIG_FILE}"
     try:
-        base = hf_config_to_model_config(_read_json(Path(path)), args.model, source=path)
+        base = hf_config_to_model_config(read_json(Path(path)), args.model, source=path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     return config_from_dict({"model": dataclasses.asdict(base)}, args.overrides, source=path).model

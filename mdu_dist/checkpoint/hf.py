@@ -69,7 +69,7 @@ _ARCHITECTURES = {"llada": ["LLaDAModelLM"], "dream": ["DreamModel"]}
 _QKV_BIAS = {"llada": False, "dream": True}  # LLaDA never has biases; Dream (Qwen2) always has q/k/v biases
 
 # Fields that decide what function the weights compute; a run config must agree with the checkpoint on them.
-_MUST_MATCH = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+MUST_MATCH = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                "vocab_size", "rope_theta", "norm_eps", "qkv_bias", "mask_token_id")
 
 
@@ -84,6 +84,24 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float
         hf["vocab_size"] = cfg.vocab_size
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     return hf
+
+
+def detect_arch(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> str:
+    """The backbone a config.json describes, by its ``model_type``; ConfigError naming it otherwise."""
+    found = [arch for arch, fixed in _FIXED.items() if hf.get("model_type") == fixed["model_type"]]
+    if not found:
+        known = ", ".join(f"{fixed['model_type']!r} ({arch})" for arch, fixed in _FIXED.items())
+        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r} is not a backbone mdu-dist knows "
+                          f"(known: {known})")
+    return found[0]
+
+
+def hf_model_keys(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> dict[str, Any]:
+    """The ModelConfig keys a config.json fixes (architecture, shape, special token ids), checked."""
+    arch = detect_arch(hf, source)
+    cfg = hf_config_to_model_config(hf, arch, source)
+    names = ["arch", "qkv_bias", *(n for n, key in _HF_KEYS[arch].items() if n != "init_std" or key in hf)]
+    return {name: getattr(cfg, name) for name in names}
 
 
 def hf_config_to_model_config(hf: Mapping[str, Any], arch: str, source: str = CONFIG_FILE) -> ModelConfig:
@@ -321,7 +339,7 @@ def open_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None, arch: str) -
     if cfg is not None and cfg.arch != arch:
         raise ValueError(f"cfg.arch={cfg.arch!r} but arch={arch!r}")
     config_path = hf_dir / CONFIG_FILE
-    hf_config = _read_json(config_path)
+    hf_config = read_json(config_path)
     try:
         file_cfg = hf_config_to_model_config(hf_config, arch, source=str(config_path))
     except ConfigError as e:
@@ -361,7 +379,7 @@ def open_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None, arch: str) -
 
 
 def _check_same_model(cfg: ModelConfig, file_cfg: ModelConfig, config_path: Path) -> None:
-    for name in _MUST_MATCH:
+    for name in MUST_MATCH:
         want, got = getattr(cfg, name), getattr(file_cfg, name)
         if want != got:
             raise CheckpointError(f"{config_path}: the checkpoint has {name}={got!r} but the model config "
@@ -372,7 +390,7 @@ def _tensor_files(hf_dir: Path) -> dict[Path, list[str] | None]:
     """safetensors file -> the tensor names to read from it (None: all of them)."""
     index_path = hf_dir / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_path}: no weight_map")
         files: dict[Path, list[str] | None] = {}
@@ -387,7 +405,7 @@ def _tensor_files(hf_dir: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:

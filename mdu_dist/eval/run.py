@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mdu_dist.checkpoint.source import resolve_checkpoint
 from mdu_dist.errors import ConfigError
 
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
@@ -86,31 +87,6 @@ def load_items(split: str, source: str, tofu_dir: str, limit: int, question_key:
 def split_items(cfg, split: str) -> list[Item]:
     d = cfg.data
     return load_items(split, getattr(cfg.eval, split), d.tofu_dir, cfg.eval.limit, d.question_key, d.answer_key)
-
-
-def resolve_checkpoint(path: str) -> tuple[Path, str]:
-    """(directory, kind): kind is "dist" (mdu-dist checkpoint) or "hf". A run directory means its latest step."""
-    from mdu_dist.checkpoint.dist import MANIFEST
-    from mdu_dist.checkpoint.errors import CheckpointError
-    from mdu_dist.checkpoint.steps import checkpoints_dir, latest_checkpoint
-
-    if not path:
-        raise ConfigError("eval.checkpoint is not set (a …/checkpoints/step-N/model directory, a run dir or an HF dir)")
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: checkpoint directory not found")
-    for root in (p, checkpoints_dir(p)):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            p = latest / "model"
-            break
-    if (p / "model" / MANIFEST).exists() and not (p / MANIFEST).exists():
-        p = p / "model"
-    if (p / MANIFEST).exists():
-        return p, "dist"
-    if (p / "config.json").exists():
-        return p, "hf"
-    raise CheckpointError(f"{p}: neither an mdu-dist checkpoint ({MANIFEST}) nor an HF checkpoint (config.json)")
 
 
 def resolve_tokenizer(cfg, ckpt: Path) -> Path:

@@ -29,14 +29,15 @@ def _output_dir(cfg, job: str) -> str:
 def cmd_launch(args: argparse.Namespace) -> int:
     import submitit
 
-    from mdu_dist.config import ConfigError, load_config, to_dict
+    from mdu_dist.checkpoint.source import load_job_config
+    from mdu_dist.config import ConfigError, to_dict
     from mdu_dist.eval.run import check_inputs
     from mdu_dist.inputs import check_job
     from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, point_output_dir
     from mdu_dist.launch.task import TrainTask
 
     base = _overrides(args)
-    first = load_config(args.config, base)
+    first = load_job_config(args.config, base, args.job)
     plan = plan_for(first)  # the launch section is not swept: one plan and one executor serve all points
     if args.job == "eval" and plan.world_size % first.parallel.tensor:
         raise ConfigError(f"launch: an eval job runs on parallel.tensor={first.parallel.tensor} x DP ranks, but "
@@ -46,7 +47,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for point in points:
         out = ([f"{_output_key(args.job)}={point_output_dir(args.job, _output_dir(first, args.job), point)}"]
                if point else [])
-        cfg = load_config(args.config, [*base, *point, *out])
+        cfg = load_job_config(args.config, [*base, *point, *out], args.job)
         # Bad data or a missing checkpoint fails here, not in a queued job hours later.
         check_inputs(cfg) if args.job == "eval" else check_job(cfg, args.job, plan.world_size)
         configs.append(cfg)

@@ -97,8 +97,8 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
     launched = launched_world_size()
     if launched is not None:
         if launched != world_size:
-            raise CheckpointError(f"started by a launcher with {launched} processes, but this job needs "
-                                  f"TP x PP = {world_size}: launch {world_size} or run it without a launcher")
+            raise CheckpointError(f"started by a launcher with {launched} processes, but this job was asked to "
+                                  f"run on {world_size} (--nproc): launch {world_size} or leave --nproc out")
         return [fn(*args)]
 
     import torch.multiprocessing as mp
