@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from mdu_dist.config import Config, ModelConfig, load_config
+from mdu_dist.checkpoint.source import load_job_config
+from mdu_dist.config import Config, ModelConfig
 from mdu_dist.errors import ConfigError
 from mdu_dist.losses.divergence import chunk_rows
 
@@ -196,7 +197,7 @@ def format_table(rows: list[Row]) -> str:
 def cmd_plan(args: argparse.Namespace) -> int:
     from mdu_dist.models.dense import count_parameters
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job_config(args.config, args.overrides, args.job)
     if args.gpus < 1 or args.gpu_mem <= 0 or not 0 < args.masked_fraction <= 1:
         raise ConfigError(f"--gpus={args.gpus} must be >= 1, --gpu-mem={args.gpu_mem} > 0 and "
                           f"--masked-fraction={args.masked_fraction} in (0, 1]")
@@ -236,5 +237,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masked-fraction", type=float, default=0.5,
                    help="fraction of positions whose logits a loss reads (default 0.5: E[t] over responses)")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides (train.init=DIR: the model's shape from that checkpoint)")
     p.set_defaults(func=cmd_plan)

@@ -29,7 +29,7 @@ from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, _bar,
                                       save_model_checkpoint, stored_tensors)
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import CONFIG_FILE, HFCheckpointReader, open_hf_checkpoint, write_hf_checkpoint
-from mdu_dist.checkpoint.steps import TRAINER_STATE
+from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, latest_checkpoint
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
 from mdu_dist.launch.local import run_ranks
 from mdu_dist.models.dense import count_parameters
@@ -169,9 +169,13 @@ def hf_to_dist(hf_dir: str | Path, out: str | Path, arch: str, tp: int, pp: int,
 
 
 def model_checkpoint_dir(path: str | Path) -> tuple[Path, list[str]]:
-    """The mdu-dist model checkpoint at ``path``: ``path`` itself, or ``path/model`` of a trainer checkpoint
-    (``step-N/{model, deepspeed, trainer_state.json}``); with the names of what sits beside it there."""
+    """The mdu-dist model checkpoint at ``path``: ``path`` itself, ``path/model`` of a trainer checkpoint
+    (``step-N/{model, deepspeed, trainer_state.json}``), or that of a run directory's latest complete step; with
+    the names of what sits beside it there."""
     path = Path(path)
+    latest = latest_checkpoint(checkpoints_dir(path))
+    if not (path / MANIFEST).is_file() and latest is not None:
+        path = latest
     if not (path / MANIFEST).is_file() and (path / "model" / MANIFEST).is_file():
         return path / "model", sorted(p.name for p in path.iterdir() if p.name != "model")
     return path, []
