@@ -16,7 +16,7 @@ test: install
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The whole pipeline on CPU (configs/demo.yaml): pre-train, fine-tune, unlearn with MDU and baselines, evaluate, plots.
+# The whole pipeline on CPU (mdu_dist/resources/demo.yaml): pre-train, fine-tune, unlearn with MDU and baselines, evaluate, plots.
 demo: install
 	$(PY) -m mdu_dist.cli demo $(DEMO_ARGS)
 

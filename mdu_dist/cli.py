@@ -104,8 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main_demo(args.config, args.overrides, quick=args.quick)
 
 
-# The keys most finetune / unlearn runs set, listed by their --help; every key is in the README's configuration
-# reference.
+# The keys most finetune / unlearn runs set, listed by their --help; every key is in docs/configuration.md.
 TRAIN_KEYS = {
     "train.init": "an mdu-dist checkpoint (.../model) or an HF directory; '' = random",
     "train.output_dir": "checkpoints, TensorBoard logs, the trained tokenizer",
@@ -128,7 +127,7 @@ def key_help(keys: dict[str, str]) -> str:
     defaults = Config()
     lines = [f"  {key:<24} {getattr(getattr(defaults, key.split('.')[0]), key.split('.')[1])!r:<11} {text}"
              for key, text in keys.items()]
-    return "\n".join(["most used keys (key=value; default; every key: README.md, section Configuration):",
+    return "\n".join(["most used keys (key=value; default; every key: docs/configuration.md):",
                       *lines])
 
 
@@ -160,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
     demo = sub.add_parser("demo", help="the whole pipeline on CPU: fine-tune, unlearn (MDU and baselines), "
                                        "evaluate, results table and plots")
-    demo.add_argument("--config", default=None, help="demo YAML (default: configs/demo.yaml's settings)")
+    demo.add_argument("--config", default=None, help="demo YAML (default: the package's own, mdu_dist/resources/demo.yaml)")
     demo.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny sizes, few steps)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="demo setting overrides")
     demo.set_defaults(func=cmd_demo)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from mdu_dist.errors import ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "resources" / "demo.yaml"
 
 # A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
 QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=3",
@@ -58,7 +58,7 @@ SHARED = ("pretrained", "finetuned", "retain-only")
 
 @dataclass
 class DemoConfig:
-    """Settings of ``mdu-dist demo`` (configs/demo.yaml)."""
+    """Settings of ``mdu-dist demo`` (mdu_dist/resources/demo.yaml, package data: found wherever it is installed)."""
 
     output_dir: str = "runs/demo"
     tofu_dir: str = ""  # "" = the TOFU bundled with the package (mdu_dist.data.BUNDLED_TOFU)
@@ -157,14 +157,9 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | None, overrides: list[str] = (), quick: bool = False) -> DemoConfig:
-    from mdu_dist.config import config_from_dict, load_config
+    from mdu_dist.config import load_config
 
-    if path is None and DEFAULT_CONFIG.exists():
-        path = str(DEFAULT_CONFIG)
-    overrides = [*(QUICK if quick else []), *overrides]
-    if path is None:
-        return config_from_dict({}, overrides, "<demo defaults>", DemoConfig)
-    return load_config(path, overrides, DemoConfig)
+    return load_config(path or DEFAULT_CONFIG, [*(QUICK if quick else []), *overrides], DemoConfig)
 
 
 def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:

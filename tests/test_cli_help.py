@@ -1,5 +1,5 @@
 """``mdu-dist finetune --help`` / ``unlearn --help`` list the most used keys, one line each, with the defaults the
-README's configuration reference gives, and point to that reference."""
+configuration reference (docs/configuration.md) gives, and point to that reference."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import pytest
 
 from mdu_dist.cli import main
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REFERENCE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 COMMON = ["train.init", "train.output_dir", "train.resume", "parallel.tensor", "parallel.pipeline",
           "optim.zero_stage", "optim.offload_optimizer"]
 UNLEARN = ["method.name", "method.tau"]
 
 
 def readme_defaults() -> dict[str, str]:
-    """`key` -> default of each single-key row of the README's configuration tables."""
-    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    """`key` -> default of each single-key row of the configuration reference's tables."""
+    section = REFERENCE.read_text()
     rows = re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| ([^|]+) \|", section, re.M)
     return {key: default.strip().strip("`") for key, default in rows}
 
@@ -31,9 +31,9 @@ def help_text(job: str, capsys) -> str:
 
 
 @pytest.mark.parametrize("job, keys", [("finetune", COMMON), ("unlearn", COMMON + UNLEARN)])
-def test_help_lists_the_most_used_keys_with_the_readme_defaults(job, keys, capsys):
+def test_help_lists_the_most_used_keys_with_the_documented_defaults(job, keys, capsys):
     text = help_text(job, capsys)
-    assert "README.md, section Configuration" in text
+    assert "docs/configuration.md" in text
     documented = readme_defaults()
     listed = {}
     for line in text.splitlines():

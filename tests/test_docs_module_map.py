@@ -1,5 +1,5 @@
-"""The README's layout table matches the tree: every path it names exists, and every top-level entry and every
-module of the package is covered by a row."""
+"""The module map (docs/design.md) matches the tree: every path it names exists, and every top-level entry and
+every module of the package is covered by a row."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def layout_paths() -> list[Path]:
     """The paths of the first column; ``a/b.py``, ``c.py`` names ``a/b.py`` and ``a/c.py``."""
-    section = (ROOT / "README.md").read_text().split("\n## Layout of the code\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "design.md").read_text().split("\n## Module map\n", 1)[1].split("\n## ", 1)[0]
     paths = []
     for cell in re.findall(r"^\| ([^|]+) \|", section, re.M)[2:]:  # past the header and its rule
         names = re.findall(r"`([^`]+)`", cell)
@@ -29,7 +29,7 @@ def tracked() -> list[Path]:
 
 def test_every_path_in_the_layout_table_exists():
     missing = [str(p) for p in layout_paths() if not (ROOT / p).exists()]
-    assert not missing, f"README layout table names paths that do not exist: {missing}"
+    assert not missing, f"the module map (docs/design.md) names paths that do not exist: {missing}"
 
 
 def test_every_top_level_entry_and_package_module_has_a_row():
@@ -42,4 +42,4 @@ def test_every_top_level_entry_and_package_module_has_a_row():
     top = sorted({Path(f.parts[0]) for f in files if not f.parts[0].startswith(".")} - {Path("README.md")})
     modules = [f for f in files if f.parts[0] == "mdu_dist" and f.suffix == ".py"]
     uncovered = [str(p) for p in [*top, *modules] if not covered(p)]
-    assert not uncovered, f"not in the README's layout table: {uncovered}"
+    assert not uncovered, f"not in the module map (docs/design.md): {uncovered}"
