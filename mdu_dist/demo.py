@@ -182,9 +182,9 @@ def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
 
 
 def _read(tofu_dir: str, name: str) -> list[dict]:
-    from mdu_dist.data import _rows, resolve_source
+    from mdu_dist.data import read_rows
 
-    return _rows(resolve_source(name, tofu_dir))
+    return read_rows(name, tofu_dir)[1]
 
 
 def _qa(rows: list[dict]) -> list[dict]:

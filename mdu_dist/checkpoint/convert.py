@@ -24,7 +24,7 @@ import torch
 
 from mdu_dist.checkpoint import dist_layout as dl
 from mdu_dist.checkpoint.atomic import check_target, partial_path
-from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, _bar, integrity_problems,
+from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, progress_bar, integrity_problems,
                                       load_model_checkpoint, open_dist_checkpoint, read_info,
                                       save_model_checkpoint, stored_tensors)
 from mdu_dist.checkpoint.errors import CheckpointError
@@ -220,7 +220,7 @@ def reshard(src: str | Path, out: str | Path, tp: int, pp: int, *, verify: bool 
 
 
 def _verify(info: CheckpointInfo, verify: bool, progress: bool) -> None:
-    bar = _bar(sum(f["size"] for f in info.files.values()), "sha256", progress and verify)
+    bar = progress_bar(sum(f["size"] for f in info.files.values()), "sha256", progress and verify)
     problems = integrity_problems(info, hashes=verify, progress=bar.update)
     bar.close()
     if problems:
@@ -317,7 +317,7 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
     for key in ("converted_from", "resharded_from"):
         if key in info.manifest.get("extra", {}):
             lines.append(f"{key.replace('_', ' ')}: {info.manifest['extra'][key]}")
-    bar = _bar(sum(f["size"] for f in info.files.values()), "sha256", progress and verify)
+    bar = progress_bar(sum(f["size"] for f in info.files.values()), "sha256", progress and verify)
     problems = integrity_problems(info, hashes=verify, progress=bar.update)
     bar.close()
     if not any(str(path / MODEL_DIR / ".metadata") in p for p in problems):

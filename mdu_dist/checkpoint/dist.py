@@ -38,7 +38,7 @@ from torch import Tensor
 from mdu_dist.checkpoint import dist_layout as dl
 from mdu_dist.checkpoint.atomic import check_target, fresh_dir, move_into_place, partial_path
 from mdu_dist.checkpoint.errors import CheckpointError
-from mdu_dist.checkpoint.hf import _check_same_model
+from mdu_dist.checkpoint.hf import check_same_model
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
 from mdu_dist.models import ARCHS
 from mdu_dist.models.dense import count_parameters
@@ -113,7 +113,7 @@ def check_model_matches(info: CheckpointInfo, cfg: ModelConfig) -> None:
     if info.arch != cfg.arch:
         raise CheckpointError(f"{where}: this is a {info.arch} checkpoint; it cannot be loaded into a "
                               f"{cfg.arch} model")
-    _check_same_model(cfg, info.cfg, where)
+    check_same_model(cfg, info.cfg, where)
 
 
 def _sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -240,7 +240,7 @@ def _collective_hash(root: Path, rels: list[str], progress: bool) -> dict[str, d
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    bar = _bar(sum((root / r).stat().st_size for r in rels[rank::world]), "sha256", progress and rank == 0)
+    bar = progress_bar(sum((root / r).stat().st_size for r in rels[rank::world]), "sha256", progress and rank == 0)
     mine = hash_files(root, rels[rank::world], bar.update)
     bar.close()
     parts = [None] * world
@@ -248,7 +248,7 @@ def _collective_hash(root: Path, rels: list[str], progress: bool) -> dict[str, d
     return dict(sorted((rel, entry) for part in parts for rel, entry in part.items()))
 
 
-def _bar(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
@@ -340,7 +340,7 @@ def load_model_checkpoint(stage, directory: str | Path, *, verify: str | None = 
 
         rels = sorted(info.files)
         rank, world = dist.get_rank(), dist.get_world_size()
-        bar = _bar(sum(info.files[r]["size"] for r in rels[rank::world]), "sha256", progress and rank == 0)
+        bar = progress_bar(sum(info.files[r]["size"] for r in rels[rank::world]), "sha256", progress and rank == 0)
         mine = integrity_problems(info, True, rels[rank::world], bar.update)
         bar.close()
         _agree("; ".join(mine) if mine else None)

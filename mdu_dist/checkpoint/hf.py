@@ -347,7 +347,7 @@ def open_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None, arch: str) -
     if cfg is None:
         cfg = file_cfg
     else:
-        _check_same_model(cfg, file_cfg, config_path)
+        check_same_model(cfg, file_cfg, config_path)
 
     files = _tensor_files(hf_dir)
     handles: dict[Path, Any] = {}
@@ -378,7 +378,7 @@ def open_hf_checkpoint(hf_dir: str | Path, cfg: ModelConfig | None, arch: str) -
     return HFCheckpointReader(hf_dir, cfg, hf_config, handles, where, dtypes)
 
 
-def _check_same_model(cfg: ModelConfig, file_cfg: ModelConfig, config_path: Path) -> None:
+def check_same_model(cfg: ModelConfig, file_cfg: ModelConfig, config_path: Path) -> None:
     for name in MUST_MATCH:
         want, got = getattr(cfg, name), getattr(file_cfg, name)
         if want != got:
