@@ -3,6 +3,7 @@ and one-line errors for bad layouts."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 from mdu_dist.cli import main
 
@@ -45,3 +46,17 @@ def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "info", "--config", "configs/llada_tiny.yaml"],
                          capture_output=True, text=True, check=True).stdout
     assert "torch" in out and "megatron.core" in out and "TP=1 x PP=1 x DP=1" in out
+
+
+def test_training_under_torchrun_takes_the_launchers_world_size(tmp_path):
+    """torchrun starts 2 processes with TP=1: ``unlearn`` with no --nproc runs DP=2 (it used to assume TP x PP = 1
+    and refuse)."""
+    out, bin_dir = tmp_path / "run", Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python", str(bin_dir / "mdu-dist"),
+         "unlearn", "--config", "configs/llada_tiny.yaml", "data.limit=8", "optim.micro_batch_size=2", "train.max_steps=1", "train.progress=false", "data.max_length=96", f"train.output_dir={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # ZeRO shards the optimizer state over the data-parallel ranks: one file per DP rank
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-1" / "deepspeed" / "state").glob("zero_pp_rank_*"))
+    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
