@@ -41,7 +41,7 @@ from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import _check_same_model
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
 from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import count_parameters
+from mdu_dist.models.dense import count_parameters, hf_parts
 
 MANIFEST = "mdu_checkpoint.json"
 FORMAT = "mdu-dist dist checkpoint"
@@ -468,7 +468,7 @@ class DistCheckpointReader:
         """(canonical name, tensor) in canonical (= HF file) order, holding one layer at a time, cast to
         ``dtype`` (default: the manifest's)."""
         cfg, dtype = self.cfg, dtype or self.info.dtype
-        names = ARCHS[cfg.arch].canonical_names(cfg.num_layers, cfg.qkv_bias)
+        names = ARCHS[cfg.arch].canonical_names(cfg)
         yield "embed", self.read(dl.EMBED)[: cfg.vocab_size].to(dtype)
         for i in range(cfg.num_layers):
             layer = dl.canonical_layer(cfg, i, {key: self.read(key, i) for key in dl.layer_keys(cfg)})
@@ -479,9 +479,15 @@ class DistCheckpointReader:
         yield "lm_head", self.read(dl.HEAD)[: cfg.vocab_size].to(dtype)
 
     def hf_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-        arch = ARCHS[self.cfg.arch]
+        """(HF name, tensor) in HF file order; canonical tensors that share an HF tensor are concatenated."""
+        parts = hf_parts(self.cfg)
+        pending: list[Tensor] = []
         for name, tensor in self.canonical_tensors(dtype):
-            yield arch.hf_name(name), tensor
+            hf = ARCHS[self.cfg.arch].hf_name(name)
+            pending.append(tensor)
+            if len(pending) == len(parts[hf]):
+                yield hf, pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending = []
 
 
 def open_dist_checkpoint(path: str | Path, verify: str | None = "sha256",

@@ -24,8 +24,7 @@ from torch import Tensor
 from mdu_dist.checkpoint.atomic import atomic_dir
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
-from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import canonical_shapes, layout_errors
+from mdu_dist.models.dense import canonical_shapes, hf_rows, hf_shapes, layout_errors
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -118,7 +117,7 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, hf_dict: Mapping[s
     errors = layout_errors(cfg, {name: t.shape for name, t in hf_dict.items()})
     if errors:
         raise CheckpointError(f"{out_dir}: refusing to save: " + "; ".join(errors))
-    names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
+    names = list(hf_shapes(cfg))
     hf_config = model_config_to_hf_config(cfg, hf_dict[names[0]].dtype)
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -155,8 +154,8 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
     after each tensor.
     """
     out_dir = Path(out_dir)
-    names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
-    shapes = {ARCHS[cfg.arch].hf_name(c): s for c, s in canonical_shapes(cfg).items()}
+    shapes = hf_shapes(cfg)
+    names = list(shapes)
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = {n: math.prod(shapes[n]) * itemsize for n in names}
     shards = _split(names, sizes, max_shard_bytes) if max_shard_bytes else [names]
@@ -263,8 +262,10 @@ class HFCheckpointReader:
                  handles: dict[Path, Any], where: dict[str, Path], dtypes: dict[str, torch.dtype]):
         self.dir, self.cfg, self.hf_config = hf_dir, cfg, hf_config
         self._handles, self._where, self.dtypes = handles, where, dtypes
-        self._hf_names = ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias)
-        self.names = list(self._hf_names.values())  # HF names in model order
+        self._rows = hf_rows(cfg)  # canonical -> (HF name, its first row there)
+        self._shapes = canonical_shapes(cfg)
+        self._hf_len = {name: shape[0] for name, shape in hf_shapes(cfg).items()}
+        self.names = list(self._hf_len)  # HF names in model order
 
     @property
     def files(self) -> list[Path]:
@@ -297,8 +298,13 @@ class HFCheckpointReader:
         return out.contiguous()
 
     def read(self, canonical: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
-        """Like ``slice`` with a canonical name (``layers.3.q``, ``embed``)."""
-        return self.slice(self._hf_names[canonical], rows, cols)
+        """Like ``slice`` with a canonical name (``layers.3.q``, ``embed``); a canonical tensor that is a block of
+        rows of a fused HF tensor (LLaDA2's [q; k; v]) is read as that block."""
+        name, first = self._rows[canonical]
+        start, stop, _ = (rows or slice(None)).indices(self._shapes[canonical][0])
+        if rows is None and self._shapes[canonical][0] == self._hf_len[name]:
+            return self.slice(name, None, cols)
+        return self.slice(name, slice(first + start, first + stop), cols)
 
     def close(self) -> None:
         self._handles.clear()
