@@ -155,12 +155,22 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    # Expert parallelism (routed experts sharded over ranks): refused, see ``validate`` and docs/moe.md.
+    expert: int = 1
     backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
     seed: int = 1234
 
     def validate(self, where: str = "parallel") -> None:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError(f"{where}: tensor={self.tensor} and pipeline={self.pipeline} must be >= 1")
+        if self.expert != 1:
+            # megatron-core marks expert parameters allreduce=False under EP; DeepSpeed reads that attribute as "its
+            # own MoE parameter" (deepspeed.moe.utils.is_moe_param) and broadcasts / reduces / norms such
+            # parameters over expert groups keyed by param.group_name that it builds only for deepspeed.moe layers.
+            raise ConfigError(f"{where}.expert={self.expert}: expert parallelism is not supported with DeepSpeed "
+                              f"ZeRO here (it would reduce megatron-core's expert gradients over groups it never "
+                              f"builds); use parallel.expert=1 with parallel.pipeline and data parallelism (ZeRO), "
+                              f"which hold every expert on each pipeline stage")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"{where}.backend={self.backend!r} must be one of auto, nccl, gloo")
 

@@ -209,11 +209,12 @@ def test_zero1_data_parallel_matches_adamw_on_dense(pp, world):
 
 @pytest.mark.parametrize("override,needle", [
     ("parallel.tensor=2", "parallel.tensor=2: the llada2 mixture-of-experts layers run with parallel.tensor=1 only"),
+    ("parallel.expert=2", "parallel.expert=2: expert parallelism is not supported with DeepSpeed ZeRO here"),
 ])
 def test_unsupported_layouts_refused_before_start(override, needle):
     from mdu_dist.config import ConfigError
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as e:
         _cfg("llada2", 1, override)
-    assert "use parallel.pipeline and data parallelism (ZeRO) instead" in str(e.value)
+    assert "parallel.pipeline and data parallelism (ZeRO)" in str(e.value)
     assert "\n" not in str(e.value)
