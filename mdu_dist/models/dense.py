@@ -93,6 +93,12 @@ def hf_rows(cfg: ModelConfig) -> dict[str, tuple[str, int]]:
     return where
 
 
+def stored_dtype(canonical: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype tensor ``canonical`` is kept in, in a model of ``dtype``: the expert bias stays fp32, as the HF
+    checkpoints and megatron-core keep it (it decides ties between experts' scores)."""
+    return torch.float32 if canonical.endswith("expert_bias") else dtype
+
+
 def init_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Random canonical weights, deterministic in ``seed`` whatever ``dtype``/``device``.
@@ -102,7 +108,7 @@ def init_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.flo
     """
     shapes = canonical_shapes(cfg)
     if torch.device(device).type == "meta":
-        return {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in shapes.items()}
+        return {name: torch.empty(shape, dtype=stored_dtype(name, dtype), device="meta") for name, shape in shapes.items()}
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for name, shape in shapes.items():
@@ -114,7 +120,7 @@ def init_weights(cfg: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.flo
             noise = 0.1 * noise
         else:
             noise = cfg.init_std * noise
-        weights[name] = noise.to(dtype=dtype, device=device)
+        weights[name] = noise.to(dtype=stored_dtype(name, dtype), device=device)
     return weights
 
 
