@@ -4,7 +4,8 @@ tests/test_moe_reference.py), in gloo processes:
 
 - logits and the gradient of every parameter at PP=1 and PP=2, two micro-batches through megatron's schedule;
 - the MDU loss (forget KL to the tau-tempered anchor of a frozen reference with other weights + alpha x the
-  retain term) and its gradients at PP=2, float64 reference (tests/test_mdu_parallel.py's);
+  retain term) and its gradients at PP=2, float64 reference (tests/test_mdu_parallel.py's); and every method
+  (GA, GradDiff, NPO, SimNPO, WGA, DPO too) at PP=2 against its objective on the dense reference's logits;
 - DeepSpeed ZeRO-1 over DP=2, and PP=2 x DP=2 (slow): three AdamW steps with clipping give the parameters and
   gradient norms of torch's AdamW on the dense model (tests/test_optim.py's check), so the experts' gradients are
   averaged over DP like every other; the expert-bias buffer is the same, unchanged, after the steps.
@@ -158,6 +159,71 @@ def test_mdu_loss_and_grads_at_pp2_match_dense_float64():
             bad = {k: v for k, v in worst.items() if not v <= 1e-5}
             assert not bad, f"rank {rank} {arch}: relative errors above 1e-5: {bad}"
     assert all("loss" in w for w in results[-1].values())
+
+
+def _methods_run(pp: int) -> dict:
+    """Every method's loss and policy gradients on the pipelined MoE model vs the same objective fed the dense
+    reference's logits (float64) at the micro-batch's positions: policy rows from the policy's weights,
+    reference rows from the frozen reference's."""
+    import test_mdu_parallel as t
+    from megatron.core import parallel_state as ps
+
+    from mdu_dist import distributed
+    from mdu_dist.methods import METHODS, MethodConfig, VocabShard, build_objective, microbatch_loss, prepare
+    from mdu_dist.models.dense import dense_forward, init_weights
+    from mdu_dist.models.mcore import build_stage
+    from mdu_dist.models.mcore_layout import load_shard, shard
+    from mdu_dist.models.paired import PolicyAndReference
+    from mdu_dist.pipeline import run_microbatches
+
+    distributed.init(_cfg("llada2", pp).parallel)
+    results = {}
+    try:
+        m = _cfg("llada2", pp).model
+        policy_w, ref_w = init_weights(m, seed=3), init_weights(m, seed=4)
+        rank = ps.get_pipeline_model_parallel_rank()
+        batch = t._batch(m.vocab_size, m.pad_token_id)
+        batch["idk"] = batch["retain"]
+        for name in METHODS:
+            objective = build_objective(MethodConfig(name=name), m.mask_token_id)
+            policy, ref = build_stage(m), build_stage(m)
+            load_shard(policy.module, shard(m, policy_w, 1, 0, pp, rank))
+            load_shard(ref.module, shard(m, ref_w, 1, 0, pp, rank))
+            mb = prepare(objective, batch, torch.Generator().manual_seed(11))
+            vocab = VocabShard(ps.get_tensor_model_parallel_group(), policy.vocab_start, m.vocab_size)
+            losses = run_microbatches(
+                PolicyAndReference(policy, ref), [mb], lambda stage, x: stage(x.ids, x.n_policy, x.positions),
+                lambda x, logits: t._loss(objective, x, logits, vocab),
+                seq_length=mb.ids.shape[1], micro_batch_size=mb.ids.shape[0])
+            leaves = {k: v.double().requires_grad_(True) for k, v in policy_w.items()}
+            n = mb.n_policy
+            logits = dense_forward(m, leaves, mb.ids[:n])[mb.positions[:n]]
+            if n < len(mb.ids):
+                ref_logits = dense_forward(m, {k: v.double() for k, v in ref_w.items()}, mb.ids[n:])
+                logits = torch.cat([logits, ref_logits[mb.positions[n:]]])
+            want_loss, _ = microbatch_loss(objective, mb, logits, VocabShard(None, 0, m.vocab_size))
+            want_loss.backward()
+            worst = {}
+            if ps.is_pipeline_last_stage():
+                worst["loss"] = abs(losses[0]["loss"].item() - want_loss.item()) / abs(want_loss.item())
+            expected = shard(m, _grads(leaves), 1, 0, pp, rank)
+            for pname, param in policy.module.named_parameters():
+                worst[pname] = _error(param.grad, expected[pname])
+            results[name] = worst
+    finally:
+        distributed.shutdown()
+    return results
+
+
+def test_every_method_on_llada2_at_pp2_matches_dense():
+    from mdu_dist.methods import METHODS
+
+    results = run_distributed(_methods_run, 2, 2)
+    assert set(results[-1]) == set(METHODS) and all("loss" in w for w in results[-1].values())
+    for rank, per_method in enumerate(results):
+        for method, worst in per_method.items():
+            bad = {k: v for k, v in worst.items() if not v <= 1e-5}
+            assert not bad, f"rank {rank} {method}: relative errors above 1e-5: {bad}"
 
 
 def _zero_run(pp: int) -> dict:

@@ -236,7 +236,7 @@ def route(cfg: ModelConfig, router: Tensor, expert_bias: Tensor | None, x: Tenso
     choice = scores if expert_bias is None else scores + expert_bias.to(dtype)
     if cfg.moe_num_groups:
         t, g = choice.shape[0], cfg.moe_num_groups
-        group_score = choice.view(t, g, -1).topk(2, dim=-1).values.sum(-1)
+        group_score = choice.view(t, g, cfg.moe_num_experts // g).topk(2, dim=-1).values.sum(-1)
         kept = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, group_score.topk(cfg.moe_group_topk).indices, True)
         choice = choice.masked_fill(~kept.repeat_interleave(cfg.moe_num_experts // g, dim=1), float("-inf"))
     chosen = choice.topk(cfg.moe_topk, dim=-1).indices
