@@ -304,7 +304,8 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
         f"{', q/k/v biases' if m.qkv_bias else ''}",
         *_moe_lines(m),
         f"layout: saved by TP={info.tp} x PP={info.pp} (vocabulary padded to {m.padded_vocab_size(info.tp)}); "
-        f"loads into any TP/PP that divides the model",
+        + ("loads into any PP that divides the layers, at TP=1 (MoE)" if m.is_moe else
+           "loads into any TP/PP that divides the model"),
         f"parameters: {_parameters(m)}",
         f"dtype: {str(info.dtype).removeprefix('torch.')}",
         f"step: {info.step if info.step is not None else '- (not a training checkpoint)'}",
