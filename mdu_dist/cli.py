@@ -35,7 +35,7 @@ def _devices() -> str:
 def cmd_info(args: argparse.Namespace) -> int:
     from mdu_dist import __version__
     from mdu_dist.distributed import process_env, resolve_layout
-    from mdu_dist.models.dense import count_parameters, init_weights
+    from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
     from mdu_dist.models.mcore_layout import shard
 
     cfg = load_job_config(args.config, args.overrides, "info")
@@ -56,6 +56,11 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size} "
           f"(padded to {m.padded_vocab_size(tp)} for TP={tp})")
     print(f"parameters: {total:,} ({total / 1e9:.3f}e9)")
+    if m.is_moe:
+        active = count_active_parameters(m)
+        print(f"active parameters per token: {active:,} ({active / 1e9:.3f}e9): {m.moe_topk} of {m.moe_num_experts} "
+              f"routed experts in layers {m.moe_dense_layers}..{m.num_layers - 1}"
+              + (f", plus the shared expert" if m.moe_shared_ffn_hidden_size else ""))
     weights = init_weights(m, device="meta")
     for pp_rank in range(pp):
         state = shard(m, weights, tp, 0, pp, pp_rank)

@@ -33,7 +33,7 @@ ATTENTIONS = ("sdpa", "local", "te")
 class ModelConfig:
     """Shape of a masked-diffusion backbone. ``arch`` selects the weight layout and the logit shift."""
 
-    arch: str = "llada"  # llada | dream
+    arch: str = "llada"  # llada | dream | llada2 | llada_moe
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -55,6 +55,24 @@ class ModelConfig:
     # local (megatron-core's unfused DotProductAttention, which keeps the [b, heads, s, s] probabilities) |
     # te (Transformer Engine's fused attention; only where transformer_engine imports).
     attention: str = "sdpa"
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (llada2, llada_moe)
+    rotary_percent: float = 1.0  # RoPE rotates the first this fraction of each head's dimensions (llada2: 0.5)
+    # Mixture of experts (llada2, llada_moe; docs/moe.md). moe_num_experts = 0: every layer has a dense SwiGLU.
+    moe_num_experts: int = 0
+    moe_topk: int = 0  # experts each token is sent to
+    moe_ffn_hidden_size: int = 0  # SwiGLU width of one routed expert
+    moe_shared_ffn_hidden_size: int = 0  # SwiGLU width of the shared expert every token also takes (0: none)
+    moe_dense_layers: int = 0  # the first this many layers keep a dense SwiGLU of ffn_hidden_size
+    moe_score: str = "softmax"  # the router's score: sigmoid (llada2) | softmax (llada_moe)
+    moe_renormalize: bool = True  # the chosen experts' scores divided by their sum (softmax: False = as scored)
+    moe_num_groups: int = 0  # group-limited choice: the experts form this many groups (0: no groups) ...
+    moe_group_topk: int = 0  # ... of which the best this many (by the sum of their top-2 scores) are eligible
+    moe_topk_scaling: float = 1.0  # the chosen experts' weights are multiplied by this (llada2: 2.5)
+    moe_expert_bias: bool = False  # a per-expert fp32 bias added to the scores to choose experts only; frozen
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_num_experts > 0
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +105,48 @@ class ModelConfig:
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} is outside the vocabulary "
                                   f"[0, {self.vocab_size})")
+        rotary = self.head_dim * self.rotary_percent
+        if not 0 < self.rotary_percent <= 1 or rotary != int(rotary) or int(rotary) % 2:
+            raise ConfigError(f"{where}.rotary_percent={self.rotary_percent} must be in (0, 1] and rotate an even "
+                              f"number of the {self.head_dim} dimensions of a head")
+        self._validate_moe(where, ARCHS[self.arch].moe)
+
+    def _validate_moe(self, where: str, arch_has_experts: bool) -> None:
+        if arch_has_experts != self.is_moe:
+            raise ConfigError(f"{where}.moe_num_experts={self.moe_num_experts}: arch {self.arch!r} "
+                              + ("has routed experts (set it > 0)" if arch_has_experts else "has no routed experts"))
+        if not self.is_moe:
+            return
+        if not 1 <= self.moe_topk <= self.moe_num_experts:
+            raise ConfigError(f"{where}.moe_topk={self.moe_topk} must be in [1, moe_num_experts="
+                              f"{self.moe_num_experts}]")
+        if self.moe_ffn_hidden_size <= 0 or self.moe_shared_ffn_hidden_size < 0:
+            raise ConfigError(f"{where}: moe_ffn_hidden_size={self.moe_ffn_hidden_size} must be positive and "
+                              f"moe_shared_ffn_hidden_size={self.moe_shared_ffn_hidden_size} >= 0")
+        if not 0 <= self.moe_dense_layers < self.num_layers:
+            raise ConfigError(f"{where}.moe_dense_layers={self.moe_dense_layers} must be in [0, num_layers="
+                              f"{self.num_layers})")
+        if self.moe_score not in ("sigmoid", "softmax"):
+            raise ConfigError(f"{where}.moe_score={self.moe_score!r} must be sigmoid or softmax")
+        # megatron-core renormalises sigmoid scores always, and softmax ones unless moe_router_pre_softmax.
+        if self.moe_score == "sigmoid" and not self.moe_renormalize and self.moe_topk > 1:
+            raise ConfigError(f"{where}.moe_renormalize=false: megatron-core always renormalises sigmoid scores")
+        if self.moe_expert_bias and self.moe_score != "sigmoid":
+            raise ConfigError(f"{where}.moe_expert_bias=true needs moe_score=sigmoid (megatron-core adds the bias "
+                              f"to sigmoid scores to choose experts; LLaDA-MoE's HF code would add it to the weights)")
+        if self.moe_num_groups:
+            g, kept = self.moe_num_groups, self.moe_group_topk
+            if self.moe_num_experts % g or not 1 <= kept <= g:
+                raise ConfigError(f"{where}: moe_num_groups={g} must divide moe_num_experts={self.moe_num_experts} "
+                                  f"and moe_group_topk={kept} be in [1, {g}]")
+            # LLaDA2 (and GLM-4-MoE) score a group by the sum of its top-2 experts; megatron-core by its top
+            # topk / group_topk, so the two agree only here.
+            if self.moe_topk != 2 * kept:
+                raise ConfigError(f"{where}.moe_group_topk={kept}: a group is scored by its top-2 experts, which "
+                                  f"megatron-core does only when moe_topk = 2 x moe_group_topk (moe_topk="
+                                  f"{self.moe_topk})")
+        elif self.moe_group_topk:
+            raise ConfigError(f"{where}.moe_group_topk={self.moe_group_topk} needs moe_num_groups > 0")
 
 
 @dataclass
@@ -95,12 +155,22 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    # Expert parallelism (routed experts sharded over ranks): refused, see ``validate`` and docs/moe.md.
+    expert: int = 1
     backend: str = "auto"  # auto (nccl with CUDA, gloo without) | nccl | gloo
     seed: int = 1234
 
     def validate(self, where: str = "parallel") -> None:
         if self.tensor < 1 or self.pipeline < 1:
             raise ConfigError(f"{where}: tensor={self.tensor} and pipeline={self.pipeline} must be >= 1")
+        if self.expert != 1:
+            # megatron-core marks expert parameters allreduce=False under EP; DeepSpeed reads that attribute as "its
+            # own MoE parameter" (deepspeed.moe.utils.is_moe_param) and broadcasts / reduces / norms such
+            # parameters over expert groups keyed by param.group_name that it builds only for deepspeed.moe layers.
+            raise ConfigError(f"{where}.expert={self.expert}: expert parallelism is not supported with DeepSpeed "
+                              f"ZeRO here (it would reduce megatron-core's expert gradients over groups it never "
+                              f"builds); use parallel.expert=1 with parallel.pipeline and data parallelism (ZeRO), "
+                              f"which hold every expert on each pipeline stage")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"{where}.backend={self.backend!r} must be one of auto, nccl, gloo")
 
@@ -166,6 +236,12 @@ def check_layout(model: ModelConfig, tp: int, pp: int) -> None:
         raise ConfigError(f"parallel.tensor={tp} does not divide ffn_hidden_size={model.ffn_hidden_size}")
     if model.num_layers % pp:
         raise ConfigError(f"parallel.pipeline={pp} does not divide num_layers={model.num_layers}")
+    if model.is_moe and tp > 1:
+        # megatron-core's MoE layers refuse to train under TP without sequence parallelism, which mdu-dist's
+        # models do not run; pipeline and data parallelism shard an MoE model exactly.
+        raise ConfigError(f"parallel.tensor={tp}: the {model.arch} mixture-of-experts layers run with "
+                          f"parallel.tensor=1 only (megatron-core needs sequence parallelism for MoE under TP); "
+                          f"use parallel.pipeline and data parallelism (ZeRO) instead")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

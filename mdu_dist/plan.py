@@ -27,6 +27,12 @@ micro-batches in flight. The CPU's math path of SDPA does keep probabilities; th
 (N = masked fraction x tokens per pass): each pass's bf16 [N, V/t] logits, the policy passes' logit
 gradients, and the divergence kernel's fp32 chunk buffers (3 x chunk x V/t, chunk = 32 MiB of fp32 rows).
 
+A mixture-of-experts layer (LLaDA2, LLaDA-MoE; TP = 1) replaces the 4f of the MLP by what each token keeps in
+the experts it is routed to and in the shared expert, plus its copies in the allgather dispatcher and the fp32
+router scores: A_moe(n) = 2 bytes x n x [4h + 2h + 2kv + S + k (4 f_e + h) + 4 f_s] + 8 bytes x n x E (k experts
+of width f_e out of E, shared width f_s). Every expert of a stage lives on each of its ranks (no expert
+parallelism: ``parallel.expert``), so the routed experts' share of the parameters is what PP and ZeRO split.
+
 Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
 fragmentation; leave a margin of several GB below --gpu-mem.
 """
@@ -92,14 +98,20 @@ def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
     return [sum(t.numel() for t in shard(cfg, weights, tp, 0, pp, r).values()) for r in range(pp)]
 
 
-def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int, recompute: str = "none") -> int:
-    """A(tokens): what one transformer layer keeps for its backward (formula in the module docstring); with
+def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int, recompute: str = "none",
+                           layer: int = 0) -> int:
+    """A(tokens): what layer ``layer`` keeps for its backward (formulas in the module docstring); with
     ``recompute="selective"`` without the core attention's state."""
+    from mdu_dist.models.arch import is_moe_layer
+
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     kv = cfg.num_query_groups * cfg.head_dim
     attention_state = 0 if recompute == "selective" else a * seq_len if cfg.attention == "local" else 2 * a
-    per_token_elements = 4 * h + (2 * h + 2 * kv + 4 * f + attention_state) / tp
-    return int(BF16 * tokens * per_token_elements)
+    if not is_moe_layer(cfg, layer):
+        return int(BF16 * tokens * (4 * h + (2 * h + 2 * kv + 4 * f + attention_state) / tp))
+    routed = cfg.moe_topk * (4 * cfg.moe_ffn_hidden_size + h) + 4 * cfg.moe_shared_ffn_hidden_size
+    return int(BF16 * tokens * (4 * h + 2 * h + 2 * kv + attention_state + routed)
+               + 2 * FP32 * tokens * cfg.moe_num_experts)
 
 
 def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
@@ -111,14 +123,18 @@ def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
+    from mdu_dist.models.mcore_layout import layer_range
+
     tokens = w.micro_batch_size * w.seq_len
-    layers = (pp - stage) * (cfg.num_layers // pp)
+    own = layer_range(cfg.num_layers, pp, stage)
+    in_flight = pp - stage
+    largest = max(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, layer=i) for i in own)
     if w.recompute == "full":  # each layer's input, plus the one layer being recomputed in the backward
-        stored = layers * BF16 * w.policy_passes * tokens * cfg.hidden_size
-        stored += layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len)
+        stored = in_flight * len(own) * BF16 * w.policy_passes * tokens * cfg.hidden_size + largest
     else:
-        stored = layers * layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, w.recompute)
-    anchor = layer_activation_bytes(cfg, tp, tokens, w.seq_len) if w.reference_passes else 0
+        stored = in_flight * sum(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, w.recompute, i)
+                                 for i in own)
+    anchor = max(layer_activation_bytes(cfg, tp, tokens, w.seq_len, layer=i) for i in own) if w.reference_passes else 0
     return stored + anchor + (logits_bytes(cfg, tp, w) if stage == pp - 1 else 0)
 
 
@@ -143,7 +159,7 @@ def memory_row(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, offload: 
 def layouts(cfg: ModelConfig, gpus: int) -> list[tuple[int, int, int]]:
     """(TP, PP, DP) with TP dividing the heads, KV heads and ffn (at most MAX_TP), PP dividing the layers."""
     out = []
-    for tp in range(1, MAX_TP + 1):
+    for tp in range(1, 2 if cfg.is_moe else MAX_TP + 1):  # MoE layers run at TP = 1 (config.check_layout)
         if cfg.num_attention_heads % tp or cfg.num_query_groups % tp or cfg.ffn_hidden_size % tp:
             continue
         for pp in range(1, cfg.num_layers + 1):
@@ -178,6 +194,38 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:
     return rows
 
 
+def nodes_needed(cfg: Config, w: Workload, gpus_per_node: int, gpu_mem_gib: float, offload: str,
+                 max_nodes: int = 64) -> tuple[int, Row] | None:
+    """The fewest nodes of ``gpus_per_node`` GPUs on which some layout fits with optimizer offload ``offload``,
+    and the smallest-total fitting row there; None if none fits on ``max_nodes``."""
+    stage_params: dict[tuple[int, int], list[int]] = {}
+    for nodes in range(1, max_nodes + 1):
+        fitting = []
+        for tp, pp, dp in layouts(cfg.model, nodes * gpus_per_node):
+            key = (tp, pp)
+            if key not in stage_params:
+                stage_params[key] = stage_parameters(cfg.model, tp, pp)
+            for zero in (1, 2, 3) if pp == 1 else (1,):
+                row = memory_row(cfg.model, tp, pp, dp, zero, offload, w, gpu_mem_gib, stage_params[key])
+                if row.fits:
+                    fitting.append(row)
+        if fitting:
+            return nodes, min(fitting, key=lambda r: r.total)
+    return None
+
+
+def experts_share(m: ModelConfig) -> str:
+    """One line: how much of the model the routed experts are, and what one token uses."""
+    from mdu_dist.models.dense import count_active_parameters, count_parameters
+
+    total, active = count_parameters(m), count_active_parameters(m)
+    experts = sum(3 * m.hidden_size * m.moe_ffn_hidden_size * m.moe_num_experts
+                  for _ in range(m.moe_dense_layers, m.num_layers))
+    return (f"routed experts: {experts / 1e9:.2f}e9 of {total / 1e9:.2f}e9 parameters ({experts / total:.1%}), "
+            f"all on every rank of their pipeline stage (no expert parallelism); {active / 1e9:.2f}e9 active per "
+            f"token ({m.moe_topk} of {m.moe_num_experts} experts)")
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.1f}"
 
@@ -208,7 +256,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     method = "sft" if args.job == "finetune" else cfg.method.name
     print(f"{args.config or '<defaults>'}: {m.arch} {m.num_layers} x {m.hidden_size}, {m.num_attention_heads} "
           f"heads / {m.num_query_groups} KV, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}; "
-          f"{count_parameters(m) / 1e9:.2f}e9 parameters")
+          f"{count_parameters(m) / 1e9:.2f}e9 parameters"
+          + (f", {m.moe_num_experts} experts top-{m.moe_topk}" if m.is_moe else ""))
     print(f"{args.job} ({method}): micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
           f"{w.policy_passes} policy + {w.reference_passes} reference pass(es), logits at "
           f"{w.masked_fraction:.0%} of positions; {m.attention} attention, recompute {w.recompute}; "
@@ -217,6 +266,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     fitting = [r for r in rows if r.fits]
     print(f"{len(fitting)} of {len(rows)} layouts fit in {args.gpu_mem:g} GiB per GPU"
           + ("" if fitting else " (none: more GPUs, offload, a shorter sequence or a smaller micro-batch)"))
+    if m.is_moe:
+        print(experts_share(m))
+    if args.gpus_per_node:
+        for offload in ("none", "cpu"):
+            found = nodes_needed(cfg, w, args.gpus_per_node, args.gpu_mem, offload)
+            what = f"optimizer offload {offload}: "
+            if found is None:
+                print(what + f"no layout fits on up to 64 nodes of {args.gpus_per_node} GPUs")
+                continue
+            nodes, r = found
+            print(what + f"{nodes} node(s) of {args.gpus_per_node} x {args.gpu_mem:g} GiB, e.g. TP={r.tp} PP={r.pp} "
+                  f"DP={r.dp} ZeRO-{r.zero} at {_gib(r.total)} GiB per GPU")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": args.config, "workload": asdict(w), "gpus": args.gpus,
                                                "gpu_mem_gib": args.gpu_mem, "rows": [asdict(r) for r in rows]},
@@ -237,6 +298,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masked-fraction", type=float, default=0.5,
                    help="fraction of positions whose logits a loss reads (default 0.5: E[t] over responses)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="also print the fewest nodes of this many GPUs on which a layout fits, with and without "
+                        "optimizer offload (default 0: not searched)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides (train.init=DIR: the model's shape from that checkpoint)")
     p.set_defaults(func=cmd_plan)

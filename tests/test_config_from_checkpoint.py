@@ -117,7 +117,7 @@ def test_keys_the_user_set_must_agree(tmp_path):
 def test_foreign_and_missing_checkpoints_are_named(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(CheckpointError, match=r"train.init=.*gpt2.*model_type='gpt2' is not a backbone"):
+    with pytest.raises(CheckpointError, match=r"train.init=.*gpt2.*model_type='gpt2' .*is not a backbone mdu-dist knows"):
         load_job_config(None, [f"train.init={tmp_path / 'gpt2'}"], "unlearn")
     with pytest.raises(CheckpointError, match=r"train.init=.*nowhere: checkpoint directory not found"):
         load_job_config(None, [f"train.init={tmp_path / 'nowhere'}"], "unlearn")

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                               "mdu_dist.launch.config", "mdu_dist.eval.config", "mdu_dist.eval.likelihood",
                               "mdu_dist.eval.sampler", "mdu_dist.eval.metrics", "mdu_dist.models",
                               "mdu_dist.models.arch", "mdu_dist.models.llada", "mdu_dist.models.dream",
+                              "mdu_dist.models.llada2", "mdu_dist.models.llada_moe",
                               "mdu_dist.checkpoint.steps")),
     ("config", ("mdu_dist.config",)),
     ("models and processes", ("mdu_dist.models.*", "mdu_dist.distributed", "mdu_dist.launch.local")),

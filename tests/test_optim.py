@@ -66,6 +66,9 @@ def _reference(m, weights, batches, cfg):
         logits = dense_forward(m, leaves, ids)
         opt.zero_grad()
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).backward()
+        for p in leaves.values():  # an expert no token chose: gradient zero, as in DeepSpeed's flat buffers
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         norms.append(torch.nn.utils.clip_grad_norm_(list(leaves.values()), cfg.grad_clip).item())
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError, config_from_dict, load_config
+from mdu_dist.models import ARCHS
 
 
 def _size(text: str) -> int:
@@ -106,7 +107,7 @@ def register(subparsers) -> None:
     h2d = csub.add_parser("hf-to-dist", help="HF-layout safetensors -> megatron-core dist checkpoint for TP x PP",
                           description="Runs TP x PP local CPU processes (or the ranks of torchrun/srun if launched "
                                       "with that many); each reads only its own slices of the HF files.")
-    h2d.add_argument("--model", required=True, choices=["llada", "dream"], help="the backbone the HF files hold")
+    h2d.add_argument("--model", required=True, choices=list(ARCHS), help="the backbone the HF files hold")
     h2d.add_argument("--hf-dir", required=True, help="directory with config.json and model*.safetensors")
     h2d.add_argument("--out", required=True, help="output directory (written atomically)")
     h2d.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the writing layout")
@@ -121,7 +122,7 @@ def register(subparsers) -> None:
     d2h = csub.add_parser("dist-to-hf", help="dist checkpoint -> HF-layout safetensors (+ config.json, tokenizer)")
     d2h.add_argument("--in", dest="src", required=True, help="dist checkpoint directory")
     d2h.add_argument("--out", required=True, help="output HF directory (written atomically)")
-    d2h.add_argument("--model", choices=["llada", "dream"], help="refuse a checkpoint of another backbone")
+    d2h.add_argument("--model", choices=list(ARCHS), help="refuse a checkpoint of another backbone")
     d2h.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file (default 5GB)")
     d2h.add_argument("--copy-files-from", help="HF directory to take tokenizer/code/config.json files from")
     d2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],

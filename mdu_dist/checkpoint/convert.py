@@ -28,11 +28,13 @@ from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, progr
                                       load_model_checkpoint, open_dist_checkpoint, read_info,
                                       save_model_checkpoint, stored_tensors)
 from mdu_dist.checkpoint.errors import CheckpointError
-from mdu_dist.checkpoint.hf import CONFIG_FILE, HFCheckpointReader, open_hf_checkpoint, write_hf_checkpoint
+from mdu_dist.checkpoint.hf import (CONFIG_FILE, HFCheckpointReader, arch_of_hf_config, open_hf_checkpoint,
+                                    write_hf_checkpoint)
 from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, latest_checkpoint
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
 from mdu_dist.launch.local import run_ranks
-from mdu_dist.models.dense import count_parameters
+from mdu_dist.models import ARCHS
+from mdu_dist.models.dense import count_active_parameters, count_parameters
 from mdu_dist.models.mcore_layout import rank_tensor
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
@@ -140,8 +142,8 @@ def hf_to_dist(hf_dir: str | Path, out: str | Path, arch: str, tp: int, pp: int,
     not hold (``make_vocab_size_divisible_by``). ``dtype`` casts (default: as stored; required if mixed).
     """
     hf_dir, out = Path(hf_dir), Path(out)
-    if arch not in ("llada", "dream"):
-        raise CheckpointError(f"unknown model {arch!r} (known: llada, dream)")
+    if arch not in ARCHS:
+        raise CheckpointError(f"unknown model {arch!r} (known: {', '.join(ARCHS)})")
     if cfg is not None and cfg.arch != arch:
         raise CheckpointError(f"the model config is {cfg.arch!r} but --model is {arch!r}")
     with open_hf_checkpoint(hf_dir, cfg, arch) as reader:  # validates everything before any work
@@ -304,9 +306,11 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
         f"architecture: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads / "
         f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}"
         f"{', q/k/v biases' if m.qkv_bias else ''}",
+        *_moe_lines(m),
         f"layout: saved by TP={info.tp} x PP={info.pp} (vocabulary padded to {m.padded_vocab_size(info.tp)}); "
-        f"loads into any TP/PP that divides the model",
-        f"parameters: {count_parameters(m):,}",
+        + ("loads into any PP that divides the layers, at TP=1 (MoE)" if m.is_moe else
+           "loads into any TP/PP that divides the model"),
+        f"parameters: {_parameters(m)}",
         f"dtype: {str(info.dtype).removeprefix('torch.')}",
         f"step: {info.step if info.step is not None else '- (not a training checkpoint)'}",
         f"components: model" + "".join(f", {n} (TP={c.get('tp')} PP={c.get('pp')}, not reshardable)"
@@ -336,21 +340,37 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
     return lines, problems
 
 
+def _moe_lines(m: ModelConfig) -> list[str]:
+    if not m.is_moe:
+        return []
+    shared = f" + a shared expert of {m.moe_shared_ffn_hidden_size}" if m.moe_shared_ffn_hidden_size else ""
+    groups = f", {m.moe_num_groups} groups keep {m.moe_group_topk}" if m.moe_num_groups else ""
+    return [f"experts: layers {m.moe_dense_layers}..{m.num_layers - 1} route each token to {m.moe_topk} of "
+            f"{m.moe_num_experts} experts of {m.moe_ffn_hidden_size}{shared} ({m.moe_score} router{groups}"
+            f"{', expert bias' if m.moe_expert_bias else ''}, x{m.moe_topk_scaling:g})"]
+
+
+def _parameters(m: ModelConfig) -> str:
+    total = f"{count_parameters(m):,}"
+    return f"{total} ({count_active_parameters(m):,} active per token)" if m.is_moe else total
+
+
 def _inspect_hf(path: Path) -> tuple[list[str], list[str]]:
     try:
-        model_type = json.loads((path / CONFIG_FILE).read_text()).get("model_type")
+        hf_config = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: cannot be read as JSON: {e}") from None
-    arch = {"llada": "llada", "Dream": "dream"}.get(model_type)
+    arch = arch_of_hf_config(hf_config) if isinstance(hf_config, dict) else None
     if arch is None:
-        raise CheckpointError(f"{path / CONFIG_FILE}: model_type {model_type!r} is neither llada nor Dream")
+        raise CheckpointError(f"{path / CONFIG_FILE}: model_type {hf_config.get('model_type')!r} is not one of llada, "
+                              f"Dream, llada2_moe (nor are its architectures LLaDAMoEModelLM)")
     with open_hf_checkpoint(path, None, arch) as reader:
         m = reader.cfg
         dtypes = sorted({str(d).removeprefix("torch.") for d in reader.dtypes.values()})
         lines = [f"{path}: HF-layout {arch} checkpoint ({len(reader.files)} safetensors file(s))",
                  f"architecture: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads / "
-                 f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}",
-                 f"parameters: {count_parameters(m):,}", f"dtype: {', '.join(dtypes)}",
+                 f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}", *_moe_lines(m),
+                 f"parameters: {_parameters(m)}", f"dtype: {', '.join(dtypes)}",
                  "integrity: every safetensors header, size and tensor shape checked: OK (HF files carry no "
                  "checksums)"]
     return lines, []

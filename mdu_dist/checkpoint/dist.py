@@ -41,7 +41,7 @@ from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import check_same_model
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
 from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import count_parameters
+from mdu_dist.models.dense import count_parameters, hf_parts, stored_dtype
 
 MANIFEST = "mdu_checkpoint.json"
 FORMAT = "mdu-dist dist checkpoint"
@@ -466,22 +466,29 @@ class DistCheckpointReader:
 
     def canonical_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
         """(canonical name, tensor) in canonical (= HF file) order, holding one layer at a time, cast to
-        ``dtype`` (default: the manifest's)."""
+        ``dtype`` (default: the manifest's; the expert bias stays fp32, ``models.dense.stored_dtype``)."""
         cfg, dtype = self.cfg, dtype or self.info.dtype
-        names = ARCHS[cfg.arch].canonical_names(cfg.num_layers, cfg.qkv_bias)
+        names = ARCHS[cfg.arch].canonical_names(cfg)
         yield "embed", self.read(dl.EMBED)[: cfg.vocab_size].to(dtype)
         for i in range(cfg.num_layers):
-            layer = dl.canonical_layer(cfg, i, {key: self.read(key, i) for key in dl.layer_keys(cfg)})
+            layer = dl.canonical_layer(cfg, i, {key: self.read(*dl.stored_key(cfg, key, i))
+                                                for key in dl.layer_keys(cfg, i)})
             for name in names:
                 if name.startswith(f"layers.{i}."):
-                    yield name, layer[name].to(dtype)
+                    yield name, layer[name].to(stored_dtype(name, dtype))
         yield "final_norm", self.read(dl.FINAL_NORM).to(dtype)
         yield "lm_head", self.read(dl.HEAD)[: cfg.vocab_size].to(dtype)
 
     def hf_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, Tensor]]:
-        arch = ARCHS[self.cfg.arch]
+        """(HF name, tensor) in HF file order; canonical tensors that share an HF tensor are concatenated."""
+        parts = hf_parts(self.cfg)
+        pending: list[Tensor] = []
         for name, tensor in self.canonical_tensors(dtype):
-            yield arch.hf_name(name), tensor
+            hf = ARCHS[self.cfg.arch].hf_name(name)
+            pending.append(tensor)
+            if len(pending) == len(parts[hf]):
+                yield hf, pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending = []
 
 
 def open_dist_checkpoint(path: str | Path, verify: str | None = "sha256",

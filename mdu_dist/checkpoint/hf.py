@@ -7,6 +7,7 @@ backbone's own HF code writes it (LLaDA: OLMo-style keys, model_type "llada"; Dr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,14 +25,20 @@ from torch import Tensor
 from mdu_dist.checkpoint.atomic import atomic_dir
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.config import ConfigError, ModelConfig, config_from_dict
-from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import canonical_shapes, layout_errors
+from mdu_dist.models.dense import canonical_shapes, hf_parts, hf_rows, hf_shapes, layout_errors, stored_dtype
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+_QWEN_SHAPE = {
+    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads", "vocab_size": "vocab_size", "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps", "max_position_embeddings": "max_position_embeddings",
+    "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
+    "init_std": "initializer_range",
+}
 # ModelConfig field -> config.json key, per backbone.
 _HF_KEYS: dict[str, dict[str, str]] = {
     "llada": {
@@ -43,18 +50,33 @@ _HF_KEYS: dict[str, dict[str, str]] = {
         "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
         "init_std": "init_std",
     },
-    "dream": {
-        "num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-        "num_attention_heads": "num_attention_heads", "num_query_groups": "num_key_value_heads",
-        "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size", "rope_theta": "rope_theta",
-        "norm_eps": "rms_norm_eps", "max_position_embeddings": "max_position_embeddings",
-        "mask_token_id": "mask_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id",
-        "init_std": "initializer_range",
+    "dream": {**_QWEN_SHAPE, "ffn_hidden_size": "intermediate_size"},
+    # LLaDA2MoeConfig. The shared expert's width is num_shared_experts x moe_intermediate_size (_derived).
+    "llada2": {
+        **_QWEN_SHAPE, "ffn_hidden_size": "intermediate_size", "rotary_percent": "partial_rotary_factor",
+        "moe_num_experts": "num_experts", "moe_topk": "num_experts_per_tok",
+        "moe_ffn_hidden_size": "moe_intermediate_size", "moe_dense_layers": "first_k_dense_replace",
+        "moe_num_groups": "n_group", "moe_group_topk": "topk_group", "moe_topk_scaling": "routed_scaling_factor",
+        "moe_expert_bias": "moe_router_enable_expert_bias",
     },
+    # LLaDAMoEConfig (OLMoE-like). Its dense layers are the 0s of moe_layer_freq (_derived).
+    "llada_moe": {
+        **_QWEN_SHAPE, "ffn_hidden_size": "dense_intermediate_size", "rotary_percent": "partial_rotary_factor",
+        "moe_num_experts": "num_experts", "moe_topk": "num_experts_per_tok",
+        "moe_ffn_hidden_size": "expert_intermediate_size",
+    },
+}
+# Values of fields a config.json may leave out (the HF code's defaults; LLaDA2's and LLaDA-MoE's mask token is a
+# tokenizer/generation setting, not a config.json key).
+_OPTIONAL: dict[str, dict[str, Any]] = {
+    "llada2": {"mask_token_id": 156895, "eos_token_id": 156892, "moe_expert_bias": True, "rotary_percent": 1.0,
+               "moe_num_groups": 0, "moe_group_topk": 0, "moe_topk_scaling": 1.0, "moe_dense_layers": 0},
+    "llada_moe": {"mask_token_id": 156895, "eos_token_id": 156892, "rotary_percent": 1.0},
 }
 
 # config.json entries that describe the maths mdu-dist implements; a checkpoint that sets them otherwise is
-# another model. ``model_type`` is what tells a Dream checkpoint from a LLaDA one.
+# another model. ``model_type`` (LLaDA-MoE: ``architectures``, its released config.json says model_type llada)
+# is what tells the backbones apart.
 _FIXED: dict[str, dict[str, Any]] = {
     "llada": {
         "model_type": "llada", "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms",
@@ -64,44 +86,86 @@ _FIXED: dict[str, dict[str, Any]] = {
         "model_type": "Dream", "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
         "rope_scaling": None,
     },
+    "llada2": {
+        "model_type": "llada2_moe", "hidden_act": "silu", "tie_word_embeddings": False, "use_qkv_bias": False,
+        "use_bias": False, "use_qk_norm": True, "score_function": "sigmoid", "norm_topk_prob": True,
+        "rope_scaling": None,
+    },
+    "llada_moe": {
+        "architectures": ["LLaDAMoEModelLM"], "hidden_act": "silu", "tie_word_embeddings": False,
+        "attention_bias": False, "qk_layernorm": True, "moe_router_score_function": "softmax",
+        "moe_router_enable_expert_bias": False, "clip_qkv": None, "rope_scaling": None,
+    },
 }
-_ARCHITECTURES = {"llada": ["LLaDAModelLM"], "dream": ["DreamModel"]}
-_QKV_BIAS = {"llada": False, "dream": True}  # LLaDA never has biases; Dream (Qwen2) always has q/k/v biases
+_IDENTITY_KEYS = ("model_type", "architectures")  # checked even when absent from config.json
+_ARCHITECTURES = {"llada": ["LLaDAModelLM"], "dream": ["DreamModel"], "llada2": ["LLaDA2MoeModelLM"],
+                  "llada_moe": ["LLaDAMoEModelLM"]}
+# ModelConfig fields each backbone fixes: LLaDA never has biases, Dream (Qwen2) always q/k/v biases; the MoE
+# backbones' routers.
+_ARCH_FIELDS: dict[str, dict[str, Any]] = {
+    "llada": {"qkv_bias": False}, "dream": {"qkv_bias": True},
+    "llada2": {"qkv_bias": False, "qk_norm": True, "moe_score": "sigmoid", "moe_renormalize": True},
+    "llada_moe": {"qkv_bias": False, "qk_norm": True, "moe_score": "softmax", "moe_renormalize": False},
+}
 
 # Fields that decide what function the weights compute; a run config must agree with the checkpoint on them.
 MUST_MATCH = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-               "vocab_size", "rope_theta", "norm_eps", "qkv_bias", "mask_token_id")
+               "vocab_size", "rope_theta", "norm_eps", "qkv_bias", "mask_token_id", "qk_norm", "rotary_percent",
+               "moe_num_experts", "moe_topk", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size",
+               "moe_dense_layers", "moe_score", "moe_renormalize", "moe_num_groups", "moe_group_topk",
+               "moe_topk_scaling", "moe_expert_bias")
+
+
+def arch_of_hf_config(hf: Mapping[str, Any]) -> str | None:
+    """The backbone a config.json describes (by model_type; LLaDA-MoE by its architectures), or None."""
+    if hf.get("architectures") == _ARCHITECTURES["llada_moe"]:
+        return "llada_moe"
+    return {"llada": "llada", "Dream": "dream", "llada2_moe": "llada2"}.get(hf.get("model_type"))
 
 
 def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """config.json contents for ``cfg`` in the backbone's HF style."""
-    if cfg.qkv_bias != _QKV_BIAS[cfg.arch]:
-        raise ConfigError(f"model.qkv_bias={cfg.qkv_bias} cannot be written as a {cfg.arch} config.json "
-                          f"({cfg.arch} has qkv_bias={_QKV_BIAS[cfg.arch]})")
+    for name, want in _ARCH_FIELDS[cfg.arch].items():
+        if getattr(cfg, name) != want:
+            raise ConfigError(f"model.{name}={getattr(cfg, name)!r} cannot be written as a {cfg.arch} config.json "
+                              f"({cfg.arch} has {name}={want!r})")
     hf = {"architectures": _ARCHITECTURES[cfg.arch], **_FIXED[cfg.arch]}
     hf.update({key: getattr(cfg, name) for name, key in _HF_KEYS[cfg.arch].items()})
+    hf["head_dim"] = cfg.head_dim
     if cfg.arch == "llada":
         hf["vocab_size"] = cfg.vocab_size
+        del hf["head_dim"]
+    elif cfg.arch == "dream":
+        del hf["head_dim"]
+    elif cfg.arch == "llada2":
+        if cfg.moe_shared_ffn_hidden_size % cfg.moe_ffn_hidden_size:
+            raise ConfigError(f"model.moe_shared_ffn_hidden_size={cfg.moe_shared_ffn_hidden_size} is not a multiple "
+                              f"of moe_ffn_hidden_size={cfg.moe_ffn_hidden_size}, as LLaDA2's num_shared_experts needs")
+        hf["num_shared_experts"] = cfg.moe_shared_ffn_hidden_size // cfg.moe_ffn_hidden_size
+        hf["n_group"], hf["topk_group"] = cfg.moe_num_groups or 1, cfg.moe_group_topk or 1
+    elif cfg.arch == "llada_moe":
+        hf["model_type"] = "lladamoe"  # what dllm's LLaDA-MoE code registers under
+        hf["moe_layer_freq"] = [0] * cfg.moe_dense_layers + [1] * (cfg.num_layers - cfg.moe_dense_layers)
+        hf["shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size or None
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
     return hf
 
 
-def detect_arch(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> str:
-    """The backbone a config.json describes, by its ``model_type``; ConfigError naming it otherwise."""
-    found = [arch for arch, fixed in _FIXED.items() if hf.get("model_type") == fixed["model_type"]]
-    if not found:
-        known = ", ".join(f"{fixed['model_type']!r} ({arch})" for arch, fixed in _FIXED.items())
-        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r} is not a backbone mdu-dist knows "
-                          f"(known: {known})")
-    return found[0]
-
-
-def hf_model_keys(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> dict[str, Any]:
-    """The ModelConfig keys a config.json fixes (architecture, shape, special token ids), checked."""
-    arch = detect_arch(hf, source)
-    cfg = hf_config_to_model_config(hf, arch, source)
-    names = ["arch", "qkv_bias", *(n for n, key in _HF_KEYS[arch].items() if n != "init_std" or key in hf)]
-    return {name: getattr(cfg, name) for name in names}
+def _derived(hf: Mapping[str, Any], arch: str, source: str) -> dict[str, Any]:
+    """ModelConfig fields a backbone's config.json states in its own terms."""
+    if arch == "llada2":
+        shared = hf.get("num_shared_experts", 0) or 0
+        out = {"moe_shared_ffn_hidden_size": shared * hf.get("moe_intermediate_size", 0)}
+        if (hf.get("n_group") or 1) == 1:  # one group holding every expert: no group-limited choice
+            out.update(moe_num_groups=0, moe_group_topk=0)
+        return out
+    if arch == "llada_moe":
+        freq = hf.get("moe_layer_freq")
+        if not isinstance(freq, list) or sorted(freq) != freq or set(freq) - {0, 1} or 1 not in freq:
+            raise ConfigError(f"{source}: moe_layer_freq={freq!r}: mdu-dist runs dense layers (0) first, then MoE "
+                              f"layers (1), as a list of one entry per layer")
+        return {"moe_dense_layers": freq.count(0), "moe_shared_ffn_hidden_size": hf.get("shared_expert_intermediate_size") or 0}
+    return {}
 
 
 def hf_config_to_model_config(hf: Mapping[str, Any], arch: str, source: str = CONFIG_FILE) -> ModelConfig:
@@ -109,19 +173,42 @@ def hf_config_to_model_config(hf: Mapping[str, Any], arch: str, source: str = CO
     if arch not in _HF_KEYS:
         raise ConfigError(f"{source}: unknown arch {arch!r} (known: {sorted(_HF_KEYS)})")
     for key, want in _FIXED[arch].items():
-        if key == "model_type" or key in hf:
+        if key in _IDENTITY_KEYS or key in hf:
             if hf.get(key) != want:
                 raise ConfigError(f"{source}: {key}={hf.get(key)!r} but a {arch} checkpoint has {key}={want!r}")
-    fields: dict[str, Any] = {"arch": arch, "qkv_bias": _QKV_BIAS[arch]}
+    fields: dict[str, Any] = {"arch": arch, **_ARCH_FIELDS[arch]}
+    optional = _OPTIONAL.get(arch, {})
     for name, key in _HF_KEYS[arch].items():
         if key == "embedding_size" and hf.get(key) is None:
             key = "vocab_size"
+        if hf.get(key) is None and name in optional:
+            fields[name] = optional[name]
+            continue
         if key not in hf and name == "init_std":
             continue  # only fresh initialisation uses it: keep the ModelConfig default
         if key not in hf:
             raise ConfigError(f"{source}: missing key {key!r} (needed for {arch} {name})")
         fields[name] = hf[key]
-    return config_from_dict({"model": fields}, source=source).model
+    fields.update(_derived(hf, arch, source))
+    cfg = config_from_dict({"model": fields}, source=source).model
+    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        raise ConfigError(f"{source}: head_dim={hf['head_dim']} but hidden_size / num_attention_heads = {cfg.head_dim}")
+    return cfg
+
+
+def hf_model_keys(hf: Mapping[str, Any], source: str = CONFIG_FILE) -> dict[str, Any]:
+    """The ModelConfig keys a config.json fixes (backbone, shape, router, special token ids), checked; the
+    backbone is told by ``arch_of_hf_config``."""
+    arch = arch_of_hf_config(hf)
+    if arch is None:
+        known = ", ".join(f"{a} ({names[0]})" for a, names in _ARCHITECTURES.items())
+        raise ConfigError(f"{source}: model_type={hf.get('model_type')!r} (architectures="
+                          f"{hf.get('architectures')!r}) is not a backbone mdu-dist knows (known: {known})")
+    cfg = hf_config_to_model_config(hf, arch, source)
+    # config.json holds no vocabulary padding and no attention kernel; an initialisation scale only sometimes
+    unset = {"make_vocab_size_divisible_by", "attention"} | ({"init_std"} if _HF_KEYS[arch]["init_std"] not in hf
+                                                              else set())
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unset}
 
 
 def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, hf_dict: Mapping[str, Tensor],
@@ -136,7 +223,7 @@ def save_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, hf_dict: Mapping[s
     errors = layout_errors(cfg, {name: t.shape for name, t in hf_dict.items()})
     if errors:
         raise CheckpointError(f"{out_dir}: refusing to save: " + "; ".join(errors))
-    names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
+    names = list(hf_shapes(cfg))
     hf_config = model_config_to_hf_config(cfg, hf_dict[names[0]].dtype)
     with atomic_dir(out_dir, overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -173,10 +260,10 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
     after each tensor.
     """
     out_dir = Path(out_dir)
-    names = list(ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias).values())
-    shapes = {ARCHS[cfg.arch].hf_name(c): s for c, s in canonical_shapes(cfg).items()}
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {n: math.prod(shapes[n]) * itemsize for n in names}
+    shapes = hf_shapes(cfg)
+    names = list(shapes)
+    dtypes = {hf: stored_dtype(cs[0], dtype) for hf, cs in hf_parts(cfg).items()}
+    sizes = {n: math.prod(shapes[n]) * torch.empty((), dtype=dtypes[n]).element_size() for n in names}
     shards = _split(names, sizes, max_shard_bytes) if max_shard_bytes else [names]
     files = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)])
@@ -193,14 +280,14 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
         stream = iter(tensors)
         for shard, file in zip(shards, files):
             with open(tmp / file, "wb") as f:
-                _write_safetensors_header(f, shard, shapes, dtype)
+                _write_safetensors_header(f, shard, shapes, dtypes)
                 for want in shard:
                     name, tensor = next(stream, (None, None))
                     if name != want:
                         raise CheckpointError(f"{out_dir}: tensor stream gave {name} where {want} was due")
-                    if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtype:
+                    if tuple(tensor.shape) != shapes[name] or tensor.dtype != dtypes[name]:
                         raise CheckpointError(f"{out_dir}: tensor {name} is {tensor.dtype} {list(tensor.shape)}, "
-                                              f"expected {dtype} {list(shapes[name])}")
+                                              f"expected {dtypes[name]} {list(shapes[name])}")
                     f.write(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().data)
                     del tensor
                     if progress is not None:
@@ -218,17 +305,17 @@ def write_hf_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterable
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def _write_safetensors_header(f, names: list[str], shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> None:
+def _write_safetensors_header(f, names: list[str], shapes: Mapping[str, tuple[int, ...]],
+                              dtypes: Mapping[str, torch.dtype]) -> None:
     """The safetensors header for ``names`` stored back to back in this order (the format: u64 little-endian
     header length, JSON header padded with spaces to 8 bytes, then the raw little-endian tensor bytes)."""
     if sys.byteorder != "little":
         raise CheckpointError("writing safetensors needs a little-endian machine")
-    itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
-        size = math.prod(shapes[name]) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+        size = math.prod(shapes[name]) * torch.empty((), dtype=dtypes[name]).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtypes[name]], "shape": list(shapes[name]),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -281,8 +368,10 @@ class HFCheckpointReader:
                  handles: dict[Path, Any], where: dict[str, Path], dtypes: dict[str, torch.dtype]):
         self.dir, self.cfg, self.hf_config = hf_dir, cfg, hf_config
         self._handles, self._where, self.dtypes = handles, where, dtypes
-        self._hf_names = ARCHS[cfg.arch].hf_names(cfg.num_layers, cfg.qkv_bias)
-        self.names = list(self._hf_names.values())  # HF names in model order
+        self._rows = hf_rows(cfg)  # canonical -> (HF name, its first row there)
+        self._shapes = canonical_shapes(cfg)
+        self._hf_len = {name: shape[0] for name, shape in hf_shapes(cfg).items()}
+        self.names = list(self._hf_len)  # HF names in model order
 
     @property
     def files(self) -> list[Path]:
@@ -290,8 +379,10 @@ class HFCheckpointReader:
 
     @property
     def dtype(self) -> torch.dtype | None:
-        """The dtype of every tensor, or None when they differ."""
-        kinds = set(self.dtypes.values())
+        """The dtype of every tensor (but the fp32 ones of ``models.dense.stored_dtype``: the expert bias), or
+        None when they differ."""
+        kept = {hf for hf, cs in hf_parts(self.cfg).items() if stored_dtype(cs[0], torch.bfloat16) == torch.float32}
+        kinds = {d for name, d in self.dtypes.items() if name not in kept}
         return kinds.pop() if len(kinds) == 1 else None
 
     def tensor(self, name: str) -> Tensor:
@@ -315,8 +406,13 @@ class HFCheckpointReader:
         return out.contiguous()
 
     def read(self, canonical: str, rows: slice | None = None, cols: slice | None = None) -> Tensor:
-        """Like ``slice`` with a canonical name (``layers.3.q``, ``embed``)."""
-        return self.slice(self._hf_names[canonical], rows, cols)
+        """Like ``slice`` with a canonical name (``layers.3.q``, ``embed``); a canonical tensor that is a block of
+        rows of a fused HF tensor (LLaDA2's [q; k; v]) is read as that block."""
+        name, first = self._rows[canonical]
+        start, stop, _ = (rows or slice(None)).indices(self._shapes[canonical][0])
+        if rows is None and self._shapes[canonical][0] == self._hf_len[name]:
+            return self.slice(name, None, cols)
+        return self.slice(name, slice(first + start, first + stop), cols)
 
     def close(self) -> None:
         self._handles.clear()

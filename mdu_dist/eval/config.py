@@ -10,7 +10,8 @@ from mdu_dist.errors import ConfigError
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 # How each backbone's authors evaluate it: LLaDA's low-confidence remasking, Dream's diffusion_generate(alg="entropy").
-DEFAULT_SAMPLER = {"llada": "low_confidence", "dream": "entropy"}
+# LLaDA2 and LLaDA-MoE: full bidirectional attention here (docs/moe.md), so LLaDA's block-wise low-confidence one.
+DEFAULT_SAMPLER = {"llada": "low_confidence", "dream": "entropy", "llada2": "low_confidence", "llada_moe": "low_confidence"}
 SAMPLERS = ("low_confidence", "entropy", "maskgit_plus", "topk_margin")
 
 

@@ -1,6 +1,7 @@
 """LLaDA and Dream as megatron-core GPTModels: the local (no Transformer Engine, no apex) layer spec with
 bidirectional attention (core attention chosen by ``model.attention``, ``models.attention``), RMSNorm, SwiGLU,
-RoPE and an untied head.
+RoPE and an untied head. The mixture-of-experts backbones (LLaDA2, LLaDA-MoE) use megatron-core's MoE layers
+(``moe_config``) in the same spec, with per-head q/k RMSNorm and partial RoPE.
 
 A ``DiffusionLM`` is one pipeline stage. The last stage returns this rank's slice of the padded vocabulary
 with the padding columns at -inf, and (Dream) the logits shifted right by one along the sequence.
@@ -26,6 +27,41 @@ RECOMPUTE = {
     "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
     "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
 }
+
+
+def moe_config(cfg: ModelConfig) -> dict:
+    """megatron-core's TransformerConfig fields for ``cfg``'s routed experts ({} for a dense model).
+
+    The router computes its logits and scores in fp32, chooses with the expert bias (sigmoid scores only) but
+    never updates it (bias update rate 0; megatron would update it only in its own finalize_model_grads, which
+    mdu-dist does not call), and adds no auxiliary loss. Tokens travel by the allgather dispatcher to a
+    SequentialMLP of experts: the alltoall dispatcher creates a CUDA stream when built and grouped GEMM needs
+    Transformer Engine or the grouped_gemm package, so neither runs on CPU. No capacity: no token is dropped.
+    """
+    if not cfg.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=cfg.moe_num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_topk,
+        moe_layer_freq=[0] * cfg.moe_dense_layers + [1] * (cfg.num_layers - cfg.moe_dense_layers),
+        moe_shared_expert_intermediate_size=cfg.moe_shared_ffn_hidden_size or None,
+        moe_router_score_function=cfg.moe_score,
+        # softmax: True = softmax over all experts, then top-k, not renormalised (LLaDA-MoE); False = softmax
+        # over the top-k logits, i.e. renormalised. Sigmoid scores are always renormalised.
+        moe_router_pre_softmax=cfg.moe_score == "softmax" and not cfg.moe_renormalize,
+        moe_router_num_groups=cfg.moe_num_groups or None,
+        moe_router_group_topk=cfg.moe_group_topk or None,
+        moe_router_topk_scaling_factor=cfg.moe_topk_scaling if cfg.moe_topk_scaling != 1.0 else None,
+        moe_router_enable_expert_bias=cfg.moe_expert_bias,
+        moe_router_bias_update_rate=0.0,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+    )
 
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32,
@@ -65,23 +101,43 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = 
         pipeline_dtype=dtype,
         # The layer spec below declares no mask; this keeps megatron from building a causal one anywhere.
         variable_seq_lengths=False,
+        qk_layernorm=cfg.qk_norm,
+        **moe_config(cfg),
         **RECOMPUTE[recompute],
     )
 
 
-def layer_spec(attention: str = "sdpa"):
+def layer_spec(attention: str = "sdpa", config=None):
     """megatron-core's local GPT layer spec with the causal mask removed (masked diffusion attends both ways)
-    and its core attention replaced by ``attention`` (``models.attention.core_attention``)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    and its core attention replaced by ``attention`` (``models.attention.core_attention``). Given the
+    TransformerConfig of a mixture-of-experts model, the spec of this pipeline stage's block: its dense and MoE
+    layers, each so changed."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
     from mdu_dist.models.attention import core_attention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attn = spec.submodules.self_attention
-    attn.params["attn_mask_type"] = AttnMaskType.no_mask
-    attn.submodules.core_attention = core_attention(attention)
+    if config is None or not config.num_moe_experts:
+        specs = [spec := get_gpt_layer_local_spec(normalization="RMSNorm")]
+    else:
+        _define_te_general_gemm()
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
+        specs = spec.layer_specs
+    for layer in specs:
+        attn = layer.submodules.self_attention
+        attn.params["attn_mask_type"] = AttnMaskType.no_mask
+        attn.submodules.core_attention = core_attention(attention)
     return spec
+
+
+def _define_te_general_gemm() -> None:
+    """megatron-core 0.16.1's router gating (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None`` but defines that name only when Transformer Engine imports: without it, define
+    it as None so its plain torch.mm path runs (on GPUs without Transformer Engine as on CPU)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 @functools.cache
@@ -125,10 +181,12 @@ class DiffusionLM(nn.Module):
         self.post_process = post_process
         # Named ``module`` so megatron-core's get_attr_wrapped_model finds config, model_type and
         # set_input_tensor on the GPTModel, as it does through DDP wrappers.
+        config = transformer_config(cfg, tp, pp, dtype, recompute)
         self.module = _row_position_gpt_model()(
-            transformer_config(cfg, tp, pp, dtype, recompute), layer_spec(cfg.attention), vocab_size=self.padded_vocab,
+            config, layer_spec(cfg.attention, config), vocab_size=self.padded_vocab,
             max_sequence_length=cfg.max_position_embeddings, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=False, position_embedding_type="rope",
+            rotary_percent=cfg.rotary_percent,
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
         )
 

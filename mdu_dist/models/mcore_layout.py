@@ -8,6 +8,12 @@ Three transforms make the megatron layout differ from a per-tensor slice of the 
 Pipeline stage ``r`` holds layers ``layer_range(...)`` renumbered from 0, the embedding on the first stage and
 final norm + head on the last.
 
+A mixture-of-experts layer (``models.arch.is_moe_layer``; TP = 1 only, ``config.check_layout``) replaces the MLP's
+fc1/fc2 by ``mlp.router.weight`` (+ the ``mlp.router.expert_bias`` buffer), ``mlp.experts.local_experts.{e}.``
+fc1 = [gate_e; up_e] and fc2 = down_e for each expert (megatron-core's SequentialMLP), and
+``mlp.shared_experts.linear_fc{1,2}`` likewise for the shared expert; ``qk_norm`` adds
+``self_attention.{q,k}_layernorm.weight`` (one per-head RMSNorm weight shared by all heads).
+
 ``rank_tensor`` builds one parameter of one rank from row/column blocks of the canonical tensors, so a reader
 that streams blocks from disk never holds more than that rank's share; ``shard`` applies it to tensors in
 memory (meta tensors included: shape planning).
@@ -22,13 +28,11 @@ import torch
 from torch import Tensor
 
 from mdu_dist.config import ModelConfig, check_layout
+from mdu_dist.models.arch import is_moe_layer
 
 EMBED = "embedding.word_embeddings.weight"
 HEAD = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
-LAYER_PARAMETERS = ("input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-                    "self_attention.linear_proj.weight", "pre_mlp_layernorm.weight", "mlp.linear_fc1.weight",
-                    "mlp.linear_fc2.weight")
 
 # read(canonical name, rows, cols) -> that block of the canonical tensor
 Reader = Callable[[str, "slice | None", "slice | None"], Tensor]
@@ -39,12 +43,24 @@ def layer_range(num_layers: int, pp: int, pp_rank: int) -> range:
     return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
 
 
+def _layer_parameters(cfg: ModelConfig, i: int) -> list[str]:
+    names = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
+    names += ["self_attention.linear_qkv.bias"] if cfg.qkv_bias else []
+    names += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"] if cfg.qk_norm else []
+    names += ["self_attention.linear_proj.weight", "pre_mlp_layernorm.weight"]
+    if not is_moe_layer(cfg, i):
+        return names + ["mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    names += ["mlp.router.weight"] + (["mlp.router.expert_bias"] if cfg.moe_expert_bias else [])
+    names += [f"mlp.experts.local_experts.{e}.linear_fc{k}.weight" for e in range(cfg.moe_num_experts) for k in (1, 2)]
+    shared = cfg.moe_shared_ffn_hidden_size
+    return names + ([f"mlp.shared_experts.linear_fc{k}.weight" for k in (1, 2)] if shared else [])
+
+
 def stage_parameter_names(cfg: ModelConfig, pp: int = 1, pp_rank: int = 0) -> list[str]:
     """The GPTModel state-dict names of pipeline stage ``pp_rank`` (without megatron's ``_extra_state``)."""
     names = [EMBED] if pp_rank == 0 else []
-    per_layer = [p for p in LAYER_PARAMETERS if cfg.qkv_bias or not p.endswith(".bias")]
-    names += [f"decoder.layers.{j}.{p}" for j in range(len(layer_range(cfg.num_layers, pp, pp_rank)))
-              for p in per_layer]
+    names += [f"decoder.layers.{j}.{p}" for j, i in enumerate(layer_range(cfg.num_layers, pp, pp_rank))
+              for p in _layer_parameters(cfg, i)]
     return names + ([FINAL_NORM, HEAD] if pp_rank == pp - 1 else [])
 
 
@@ -102,6 +118,19 @@ def rank_tensor(cfg: ModelConfig, name: str, read: Reader, tp: int, tp_rank: int
         return torch.cat([rows("gate", f), rows("up", f)])
     if part == "mlp.linear_fc2.weight":
         return cols("down", cfg.ffn_hidden_size // tp)
+    whole = {"self_attention.q_layernorm.weight": "q_norm", "self_attention.k_layernorm.weight": "k_norm",
+             "mlp.router.weight": "router", "mlp.router.expert_bias": "expert_bias",
+             "mlp.shared_experts.linear_fc2.weight": "shared_down"}
+    if part in whole:
+        return read(c + whole[part], None, None)
+    if part == "mlp.shared_experts.linear_fc1.weight":
+        return torch.cat([read(c + "shared_gate", None, None), read(c + "shared_up", None, None)])
+    expert = re.fullmatch(r"mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight", part)
+    if expert is not None:
+        e = f"{c}experts.{expert.group(1)}."
+        if expert.group(2) == "2":
+            return read(e + "down", None, None)
+        return torch.cat([read(e + "gate", None, None), read(e + "up", None, None)])
     raise KeyError(f"{name}: not a parameter of a {cfg.arch} stage")
 
 
