@@ -80,10 +80,16 @@ class Trainer:
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
-        self.policy = build_stage(m, dtype, cfg.train.recompute)
-        # MDU at tau = 0 (uniform target) needs no theta_0: none is built.
-        self.reference = build_stage(m, dtype) if self.objective.needs_reference else None
+        lora = cfg.lora if cfg.lora.enabled else None
+        self.policy = build_stage(m, dtype, cfg.train.recompute, lora)
+        # MDU at tau = 0 (uniform target) needs no theta_0: none is built. With LoRA the reference is the policy
+        # with its adapters off unless lora.reference=copy.
+        self.adapters_off = self.objective.needs_reference and lora is not None and lora.reference == "adapters-off"
+        self.reference = (build_stage(m, dtype) if self.objective.needs_reference and not self.adapters_off
+                          else None)
         self._load_initial_weights()
+        if lora is not None:
+            self._check_only_adapters_train()
         per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
         self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -136,6 +142,14 @@ class Trainer:
                 for s in stages:
                     load_hf_into_stage(s, reader)
 
+    def _check_only_adapters_train(self) -> None:
+        """With LoRA nothing but the adapters may train: the adapters-off reference is theta_0 only then, and the
+        optimizer must hold no base parameter."""
+        trainable = {id(p) for p in self.policy.parameters() if p.requires_grad}
+        adapters = {id(p) for p in self.policy.lora.parameters()}
+        if trainable != adapters:
+            raise AssertionError(f"LoRA run: {len(trainable - adapters)} non-adapter parameter(s) would train")
+
     # --------------------------------------------------------------------------------------------- step
 
     def _microbatches(self, step: int) -> list:
@@ -161,7 +175,7 @@ class Trainer:
         from mdu_dist.optim import forward_backward, optimizer_step
 
         mbs = self._microbatches(step)
-        reference = self.reference
+        reference, adapters_off = self.reference, self.adapters_off
 
         def forward(model, mb):
             return model(mb.ids, mb.n_policy, mb.positions)
@@ -172,7 +186,7 @@ class Trainer:
         start = time.perf_counter()
         reported = forward_backward(self.engine, mbs, forward, loss_fn, seq_length=mbs[0].ids.shape[1],
                                     micro_batch_size=mbs[0].ids.shape[0],
-                                    wrap=lambda policy: PolicyAndReference(policy, reference))
+                                    wrap=lambda policy: PolicyAndReference(policy, reference, adapters_off))
         stats = optimizer_step(self.engine)
         elapsed = time.perf_counter() - start
         metrics = self._reduce_metrics(reported)
