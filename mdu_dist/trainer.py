@@ -119,28 +119,10 @@ class Trainer:
 
     def _load_initial_weights(self) -> None:
         """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""
-        from mdu_dist.checkpoint.convert import load_hf_into_stage
-        from mdu_dist.checkpoint.dist import MANIFEST, load_model_checkpoint
-        from mdu_dist.checkpoint.hf import open_hf_checkpoint
-        from mdu_dist.models.dense import init_weights
-        from mdu_dist.models.mcore_layout import load_shard, shard
+        from mdu_dist.checkpoint.convert import load_initial_weights
 
-        stages = [s for s in (self.policy, self.reference) if s is not None]
-        init, m = self.cfg.train.init, self.cfg.model
-        if not init:
-            ps = self.ps
-            weights = init_weights(m, seed=self.cfg.train.seed)
-            state = shard(m, weights, ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
-            for s in stages:
-                load_shard(s.module, state)
-        elif (Path(init) / MANIFEST).exists():
-            for s in stages:
-                load_model_checkpoint(s, init)
-        else:
-            with open_hf_checkpoint(init, m, m.arch) as reader:
-                for s in stages:
-                    load_hf_into_stage(s, reader)
+        load_initial_weights([s for s in (self.policy, self.reference) if s is not None], self.cfg.train.init,
+                             self.cfg.train.seed)
 
     def _check_only_adapters_train(self) -> None:
         """With LoRA nothing but the adapters may train: the adapters-off reference is theta_0 only then, and the
@@ -224,6 +206,7 @@ class Trainer:
         import shutil
 
         from mdu_dist.checkpoint.dist import save_model_checkpoint
+        from mdu_dist.checkpoint.lora import ADAPTER_DIR, base_of, save_adapters
         from mdu_dist.checkpoint.steps import TRAINER_STATE, partial_dir, step_dir
 
         final, tmp = step_dir(self.checkpoint_root, step), partial_dir(self.checkpoint_root, step)
@@ -232,8 +215,15 @@ class Trainer:
             tmp.mkdir(parents=True)
         barrier()
         tokenizer_files = sorted(p for p in self.tokenizer_dir.iterdir() if p.is_file())
-        save_model_checkpoint(self.policy, tmp / "model", step=step, hf_files=tokenizer_files)
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        lora = self.cfg.lora
+        if lora.enabled:
+            # The frozen base is named, not copied; DeepSpeed keeps the adapters and their optimizer state only.
+            save_adapters(self.policy, tmp / ADAPTER_DIR, lora, base_of(self.cfg.train.init, self.cfg.train.seed),
+                          step, tokenizer_files)
+        else:
+            save_model_checkpoint(self.policy, tmp / "model", step=step, hf_files=tokenizer_files)
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=lora.enabled)
         barrier()
         if dist.get_rank() == 0:
             write_json_atomic(tmp / TRAINER_STATE, {"step": step, "job": self.job, "total_steps": self.total_steps,
@@ -247,12 +237,18 @@ class Trainer:
     def resume(self, path: Path) -> int:
         """Collective: restore weights, optimizer, scheduler and the step counter from checkpoint ``path``."""
         from mdu_dist.checkpoint.dist import load_model_checkpoint
+        from mdu_dist.checkpoint.lora import ADAPTER_DIR, check_base, load_adapters_into, read_lora_info
         from mdu_dist.checkpoint.steps import TRAINER_STATE
 
         state = json.loads((path / TRAINER_STATE).read_text())
         if state["job"] != self.job:
             raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
-        load_model_checkpoint(self.policy, path / "model")
+        if self.cfg.lora.enabled:
+            info = read_lora_info(path / ADAPTER_DIR)
+            check_base(info, self.cfg.train.init, self.cfg.train.seed, self.cfg.model)
+            load_adapters_into(self.policy, info)
+        else:
+            load_model_checkpoint(self.policy, path / "model")
         self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         return int(state["step"])
