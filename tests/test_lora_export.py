@@ -157,3 +157,49 @@ def test_peft_target_regex_leaves_lladas_head_alone():
     only_out = LoraConfig(target_modules=peft_target_regex("llada", ["mlp-out"]))
     assert not check_target_module_exists(only_out, "model.transformer.ff_out")
     assert not check_target_module_exists(only_out, "model.transformer.blocks.3.q_proj")
+
+
+def _cli(*args: str, check: bool = True):
+    from test_eval_run import _cli as cli
+
+    return cli(*args, check=check)
+
+
+@pytest.mark.slow
+def test_eval_accepts_a_lora_checkpoint_like_its_merged_export(tmp_path):
+    from test_eval_run import FAST_EVAL
+    from test_trainer import TINY as TRAIN_TINY
+
+    run = tmp_path / "run"
+    train = ["unlearn", "--config", "configs/llada_tiny.yaml", *TRAIN_TINY, *LORA, "optim.lr=1e-2",
+             "optim.warmup_steps=0", "train.max_steps=2"]
+    _cli(*train, f"train.output_dir={run}")
+    _cli("convert", "lora-to-hf", "--in", str(run / "checkpoints" / "step-2"), "--out", str(tmp_path / "merged"))
+    shape = [a for a in TRAIN_TINY if a.startswith("model.")]
+    results = {}
+    for name, ckpt in (("lora", run), ("merged", tmp_path / "merged")):
+        _cli("eval", "--config", "configs/llada_tiny.yaml", *shape, *FAST_EVAL, f"eval.checkpoint={ckpt}",
+             f"eval.output_dir={tmp_path / name}")
+        results[name] = json.loads((tmp_path / name / "eval.json").read_text())
+    for key, value in results["merged"]["metrics"].items():
+        if value is not None:
+            assert abs(results["lora"]["metrics"][key] - value) <= 1e-4 * max(1.0, abs(value)), key
+    for split, items in results["merged"]["items"].items():
+        assert items["generation"] == results["lora"]["items"][split]["generation"], split
+        for a, b in zip(items["answer_nll"], results["lora"]["items"][split]["answer_nll"], strict=True):
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), split
+    # Not vacuous: the merged export is not the base.
+    import safetensors.torch
+
+    from mdu_dist.config import load_config
+    from mdu_dist.models.dense import init_weights, to_hf
+
+    m = load_config("configs/llada_tiny.yaml", shape).model
+    base = to_hf(m, init_weights(m, seed=3))
+    merged = safetensors.torch.load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-3
+
+    # Resuming these adapters over another base (another random seed here) is refused, naming both.
+    proc = _cli(*train, "train.max_steps=3", "train.seed=4", "train.resume=auto", f"train.output_dir={run}",
+                check=False)
+    assert proc.returncode != 0 and "the adapters were trained on base" in proc.stderr, proc.stderr[-2000:]

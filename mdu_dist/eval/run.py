@@ -89,9 +89,11 @@ def split_items(cfg, split: str) -> list[Item]:
 
 
 def resolve_checkpoint(path: str) -> tuple[Path, str]:
-    """(directory, kind): kind is "dist" (mdu-dist checkpoint) or "hf". A run directory means its latest step."""
+    """(directory, kind): kind is "dist" (mdu-dist checkpoint), "lora" (a LoRA run's adapters, over the base they
+    name) or "hf". A run directory means its latest step."""
     from mdu_dist.checkpoint.dist import MANIFEST
     from mdu_dist.checkpoint.errors import CheckpointError
+    from mdu_dist.checkpoint.lora import adapter_dir, is_lora_checkpoint
     from mdu_dist.checkpoint.steps import checkpoints_dir, latest_checkpoint
 
     if not path:
@@ -102,10 +104,13 @@ def resolve_checkpoint(path: str) -> tuple[Path, str]:
     for root in (p, checkpoints_dir(p)):
         latest = latest_checkpoint(root)
         if latest is not None:
-            p = latest / "model"
+            p = latest
             break
     if (p / "model" / MANIFEST).exists() and not (p / MANIFEST).exists():
         p = p / "model"
+    p = adapter_dir(p)
+    if is_lora_checkpoint(p):
+        return p, "lora"
     if (p / MANIFEST).exists():
         return p, "dist"
     if (p / "config.json").exists():
@@ -188,12 +193,20 @@ class Evaluator:
         self.cfg, self.e, m = cfg, cfg.eval, cfg.model
         self.tok = load_tokenizer(tokenizer_dir)
         check_tokenizer_fits(self.tok, tokenizer_dir, m.vocab_size)
-        self.stage = build_stage(m).eval()
+        if kind == "lora":
+            from mdu_dist.checkpoint.lora import load_lora_checkpoint, read_lora_info
+
+            info = read_lora_info(ckpt)
+            self.stage = build_stage(m, lora=info.lora).eval()
+            load_lora_checkpoint(self.stage, info)
+            kind = "loaded"
+        else:
+            self.stage = build_stage(m).eval()
         if kind == "dist":
             from mdu_dist.checkpoint.dist import load_model_checkpoint
 
             load_model_checkpoint(self.stage, ckpt)
-        else:
+        elif kind == "hf":
             from mdu_dist.checkpoint.convert import load_hf_into_stage
             from mdu_dist.checkpoint.hf import open_hf_checkpoint
 
