@@ -52,7 +52,7 @@ def _lora_vs_dense(tp: int, pp: int) -> dict:
     from mdu_dist.config import load_config
     from mdu_dist.methods import VocabShard, build_objective, prepare
     from mdu_dist.models.dense import init_weights
-    from mdu_dist.models.lora import gather_adapters, load_adapters
+    from mdu_dist.models.lora import adapter_parameters, gather_adapters, load_adapters
     from mdu_dist.models.mcore import build_stage
     from mdu_dist.models.mcore_layout import load_shard, shard
     from mdu_dist.models.paired import PolicyAndReference
@@ -104,7 +104,9 @@ def _lora_vs_dense(tp: int, pp: int) -> dict:
                     p.copy_(p.grad)
             for key, got in gather_adapters(policy, group).items():
                 worst[key] = (got.double() - want[key]).abs().max().item() / want[key].abs().max().item()
-            results[arch] = {"worst": worst, "bitwise": bitwise}
+            count = sum(p.numel() for p in policy.lora.parameters())
+            results[arch] = {"worst": worst, "bitwise": bitwise,
+                             "count": (count, adapter_parameters(m, lora, tp, m.num_layers // pp))}
     finally:
         distributed.shutdown()
     return results
@@ -117,6 +119,7 @@ def test_lora_mdu_matches_dense_float64_and_adapters_off_equals_a_copy(tp, pp):
     for rank, per_arch in enumerate(results):
         for arch, r in per_arch.items():
             assert r["bitwise"], f"rank {rank} {arch}: adapters-off reference differs from the frozen copy"
+            assert r["count"][0] == r["count"][1], f"rank {rank} {arch}: plan's adapter count {r['count']}"
             bad = {k: v for k, v in r["worst"].items() if not v <= 1e-5}
             assert not bad, f"rank {rank} {arch} TP={tp} PP={pp}: relative errors above 1e-5: {bad}"
             layers |= {k.split(".")[1] for k in r["worst"] if k.startswith("layers.")}

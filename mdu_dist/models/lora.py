@@ -354,3 +354,16 @@ def peft_config(arch: str, cfg: LoRAConfig, base: str) -> dict:
             "lora_dropout": cfg.dropout, "target_modules": peft_target_regex(arch, cfg.targets), "bias": "none",
             "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "modules_to_save": None, "base_model_name_or_path": base, "inference_mode": True}
+
+
+def adapter_parameters(m: ModelConfig, cfg: LoRAConfig, tp: int, layers: int) -> int:
+    """Adapter parameters held by one TP rank of a stage of ``layers`` layers (the replicated factor whole, the
+    split one its 1/tp)."""
+    shapes = canonical_shapes(m)
+    total = 0
+    for name in cfg.targets:
+        t = TARGETS[name]
+        out = sum(shapes[f"layers.0.{p}"][0] for p in t.parts)
+        in_ = shapes[f"layers.0.{t.parts[0]}"][1]
+        total += cfg.rank * (in_ + out // tp) if t.column else cfg.rank * (in_ // tp + out)
+    return layers * total
