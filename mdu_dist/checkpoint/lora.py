@@ -115,7 +115,7 @@ def read_adapters(info: LoRAInfo) -> dict[str, Tensor]:
             out.update(safetensors.torch.load_file(str(file)))
         except (OSError, safetensors.SafetensorError) as e:
             raise CheckpointError(f"{file}: cannot be read: {e}") from None
-    want = canonical_names(info.cfg, info.lora.targets, range(info.cfg.num_layers))
+    want = canonical_names(info.lora.targets, range(info.cfg.num_layers))
     missing = [k for k in want if k not in out]
     if missing:
         raise CheckpointError(f"{info.path}: {len(missing)} adapter tensor(s) missing, e.g. {missing[0]} "

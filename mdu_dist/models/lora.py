@@ -184,12 +184,13 @@ def add_adapters(stage: nn.Module, cfg: LoRAConfig, tp: int, tp_rank: int, pp: i
             in_full = shapes[f"layers.0.{t.parts[0]}"][1]
             per[name] = Adapter(t, in_local, out_local, cfg, in_full, tp_rank, group, dtype)
         layers.append(per)
-    lora = LoRA(layers, layer_range(m.num_layers, pp, pp_rank).start)
+    first = layer_range(m.num_layers, pp, pp_rank).start
+    lora = LoRA(layers, first)
     for j, layer in enumerate(stage.module.decoder.layers):
         for name, adapter in layers[j].items():
             layer.get_submodule(TARGETS[name].module).register_forward_hook(_hook(lora, adapter), with_kwargs=True)
     stage.lora = lora
-    load_adapters(stage, initial_adapters(m, cfg, lora_layers(stage)), tp, tp_rank, pp, pp_rank)
+    load_adapters(stage, initial_adapters(m, cfg, range(first, first + len(layers))), tp, tp_rank, pp, pp_rank)
     if input_requires_grad and getattr(stage.module, "pre_process", False):
         stage.module.embedding.register_forward_hook(_require_grad)
     return lora
@@ -212,11 +213,6 @@ def _require_grad(module, args, output):
     return None
 
 
-def lora_layers(stage: nn.Module) -> range:
-    lora = stage.lora
-    return range(lora.first_layer, lora.first_layer + len(lora.layers))
-
-
 @contextlib.contextmanager
 def adapters_disabled(stage: nn.Module) -> Iterator[None]:
     """The stage computes its base weights (theta_0 while only adapters train) inside; restored even on error."""
@@ -231,7 +227,7 @@ def adapters_disabled(stage: nn.Module) -> Iterator[None]:
 # ------------------------------------------------------------------------------------- canonical layout
 
 
-def canonical_names(m: ModelConfig, targets: list[str], layers: range) -> list[str]:
+def canonical_names(targets: list[str], layers: range) -> list[str]:
     return [f"layers.{i}.{part}.lora_{f}" for i in layers for t in targets for part in TARGETS[t].parts
             for f in "AB"]
 
