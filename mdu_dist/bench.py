@@ -12,6 +12,10 @@
     TP local processes joined by gloo (the CPU threads are split between them).
 (d) attention: the SFT step with SDPA and with megatron's local (unfused) core attention side by side, at each
     of ``--attention-seq-lens``: step time and peak memory.
+(e) lora (``--lora-rank R``): the MDU step with every parameter trained (and a frozen reference copy) against
+    LoRA rank R (the base frozen, the reference = the policy with its adapters off) on the same rows and masks:
+    step time, peak memory of the step, and the bytes held between steps (parameters, reference, optimizer's
+    fp32 master and Adam moments: ``resident_bytes``).
 MDU at tau = 0 (``mdu_tau0``: uniform target, no anchor pass, no reference) is timed against SFT too: its floor
 is 1. Peak memory of a step (every kind): of its forward and backward on the same micro-batch, untimed, outside
 DeepSpeed (``step_peak_bytes``); CUDA's peak allocated bytes above what was allocated before, on CPU the
@@ -49,7 +53,8 @@ SMALL = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_hea
          "model.ffn_hidden_size=688", "model.vocab_size=32768", "model.max_position_embeddings=4096",
          "optim.lr=1e-5", "optim.warmup_steps=0"]
 # mdu_forget: alpha=0; mdu_tau0: alpha=0 and tau=0; sft_2x: SFT on forget + retain rows. ``kind@attention``
-# runs the kind with model.attention=attention.
+# runs the kind with model.attention=attention; ``kind+lora`` with the config's lora section (otherwise rank 0).
+SECTIONS = ("steps", "kl", "throughput", "attention", "lora")
 STEP_KINDS = ("sft", "mdu_forget", "mdu_tau0", "sft_2x", "mdu")
 
 
@@ -251,7 +256,8 @@ def step_peak_bytes(trainer) -> int:
     cfg, mbs = trainer.cfg, trainer.fixed
     dtype, device = next(trainer.policy.parameters()).dtype, next(trainer.policy.parameters()).device
     reference = build_stage(cfg.model, dtype).to(device) if trainer.reference is not None else None
-    model = PolicyAndReference(build_stage(cfg.model, dtype, cfg.train.recompute).to(device), reference)
+    policy = build_stage(cfg.model, dtype, cfg.train.recompute, cfg.lora if cfg.lora.enabled else None)
+    model = PolicyAndReference(policy.to(device), reference, trainer.adapters_off)
 
     def forward_backward():
         run_microbatches(model, mbs, lambda m, mb: m(mb.ids, mb.n_policy, mb.positions),
@@ -259,6 +265,16 @@ def step_peak_bytes(trainer) -> int:
                          seq_length=mbs[0].ids.shape[1], micro_batch_size=mbs[0].ids.shape[0])
 
     return _peak_bytes(forward_backward)[1]
+
+
+def resident_bytes(trainer) -> int:
+    """Bytes a trainer holds between steps: the policy's and the reference's parameters, and the ZeRO optimizer's
+    fp32 master partitions and Adam moments (gradients are freed by the step)."""
+    opt = trainer.engine.optimizer
+    tensors = [*trainer.policy.parameters(), *(trainer.reference.parameters() if trainer.reference else ())]
+    tensors += list(getattr(opt, "single_partition_of_fp32_groups", ()))
+    tensors += [v for state in opt.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
@@ -286,9 +302,11 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
         trainers, tokens, flops = {}, {}, {}
         for kind in kinds:
             base, _, attention = kind.partition("@")
-            job, overrides, parts, rows = spec[base]
+            job, overrides, parts, rows = spec[base.removesuffix("+lora")]
             kind_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention)) \
                 if attention else cfg
+            rank = cfg.lora.rank if base.endswith("+lora") else 0
+            kind_cfg = dataclasses.replace(kind_cfg, lora=dataclasses.replace(cfg.lora, rank=rank))
             trainers[kind] = _trainer(kind_cfg, job, overrides)
             # The same generator seed: SFT's and MDU's forget rows get the same t and the same masks.
             mb = prepare(trainers[kind].objective, parts, torch.Generator().manual_seed(0))
@@ -308,7 +326,8 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
         peaks = {k: step_peak_bytes(trainers[k]) for k in kinds}
         return {k: {"seconds": medians[k], "tokens": tokens[k], "tokens_per_s": tokens[k] / medians[k],
                     "model_flops": flops[k], "tflops_per_s": flops[k] / medians[k] / 1e12, "all_seconds": v,
-                    "peak_bytes": peaks[k]}
+                    "peak_bytes": peaks[k], "resident_bytes": resident_bytes(trainers[k]),
+                    "trainable": sum(p.numel() for p in trainers[k].policy.parameters() if p.requires_grad)}
                 for k, v in times.items()}
     finally:
         distributed.shutdown()
@@ -349,8 +368,42 @@ def _mfu(tflops_per_s: float, peak: float | None) -> str:
 
 
 def format_report(result: dict) -> str:
-    s = result["steps"]
     peak = peak_flops(result["machine"]["cuda"])
+    lines = []
+    if result.get("steps"):
+        lines += _steps_report(result, peak)
+    if result.get("kl"):
+        lines += _kl_report(result)
+    if result.get("throughput"):
+        lines += ["", "(c) MDU step (forget + retain tokens) by TP size, gloo on CPU",
+                  "| TP | s/step | tokens/s |", "|---|---|---|"]
+        lines += [f"| {tp} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |"
+                  for tp, v in result["throughput"].items()]
+    if result.get("attention"):
+        lines += _attention_report(result)
+    if result.get("lora"):
+        lines += _lora_report(result)
+    return "\n".join(lines).strip("\n")
+
+
+def _lora_report(result: dict) -> list[str]:
+    r = result["lora"]
+    full, lora = r["steps"]["mdu"], r["steps"]["mdu+lora"]
+    lines = ["", f"(e) MDU step, every parameter vs LoRA rank {r['rank']} on {', '.join(r['targets'])} "
+                 "(same rows and masks)",
+             "| step | trainable | s/step | peak MiB (step) | resident MiB (params, reference, optimizer) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {k} | {v['trainable']} | {v['seconds']:.3f} | {_mib(v['peak_bytes'])} | "
+              f"{_mib(v['resident_bytes'])} |" for k, v in r["steps"].items()]
+    t = r["time_ratio"]
+    lines.append(f"LoRA / full: time {t['paired']:.3f} (median of paired ratios; ratio of medians {t['medians']:.3f}),"
+                 f" peak memory {lora['peak_bytes'] / full['peak_bytes']:.3f}, resident memory "
+                 f"{lora['resident_bytes'] / full['resident_bytes']:.3f}")
+    return lines
+
+
+def _steps_report(result: dict, peak: float | None) -> list[str]:
+    s = result["steps"]
     lines = ["(a) one training step, same rows/length/masks (median s)",
              "| step | policy tokens | s/step | tokens/s | model TFLOP/s | MFU | peak MiB |",
              "|---|---|---|---|---|---|---|"]
@@ -359,25 +412,28 @@ def format_report(result: dict) -> str:
     for name, r in result["ratios"].items():
         lines.append(f"{name}: {r['paired']:.3f} (median of paired ratios; ratio of medians {r['medians']:.3f}, "
                      f"of minima {r['minima']:.3f})")
-    lines += ["", "(b) KL forward + backward: vocab-parallel kernel (group=None) vs naive full-vocabulary",
+    return lines
+
+
+def _kl_report(result: dict) -> list[str]:
+    lines = ["", "(b) KL forward + backward: vocab-parallel kernel (group=None) vs naive full-vocabulary",
               "| vocab | rows | chunk | naive s | kernel s | time ratio | naive MiB | kernel MiB | memory ratio | "
               "less gradient |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['vocab']} | {r['rows']} | {r['chunk']} | {r['naive_s']:.3f} | {r['parallel_s']:.3f} | "
               f"{r['time_ratio']:.2f} | {_mib(r['naive_peak_bytes'])} | {_mib(r['parallel_peak_bytes'])} | "
               f"{r['memory_ratio']:.2f} | {r['memory_ratio_less_grad']:.2f} |" for r in result["kl"]]
-    lines += ["", "(c) MDU step (forget + retain tokens) by TP size, gloo on CPU",
-              "| TP | s/step | tokens/s |", "|---|---|---|"]
-    lines += [f"| {tp} | {v['seconds']:.3f} | {v['tokens_per_s']:.0f} |" for tp, v in result["throughput"].items()]
-    if result["attention"]:
-        lines += ["", "(d) SFT step, SDPA vs megatron's local core attention",
-                  "| tokens | SDPA s/step | local s/step | time ratio | SDPA peak MiB | local peak MiB | memory ratio |",
-                  "|---|---|---|---|---|---|---|"]
-        for n, r in result["attention"].items():
-            a, b = r["sft@sdpa"], r["sft@local"]
-            lines.append(f"| {n} | {a['seconds']:.3f} | {b['seconds']:.3f} | {a['seconds'] / b['seconds']:.2f} | "
-                         f"{_mib(a['peak_bytes'])} | {_mib(b['peak_bytes'])} | "
-                         f"{a['peak_bytes'] / b['peak_bytes']:.2f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def _attention_report(result: dict) -> list[str]:
+    lines = ["", "(d) SFT step, SDPA vs megatron's local core attention",
+             "| tokens | SDPA s/step | local s/step | time ratio | SDPA peak MiB | local peak MiB | memory ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for n, r in result["attention"].items():
+        a, b = r["sft@sdpa"], r["sft@local"]
+        lines.append(f"| {n} | {a['seconds']:.3f} | {b['seconds']:.3f} | {a['seconds'] / b['seconds']:.2f} | "
+                     f"{_mib(a['peak_bytes'])} | {_mib(b['peak_bytes'])} | {a['peak_bytes'] / b['peak_bytes']:.2f} |")
+    return lines
 
 
 def run_bench(args: argparse.Namespace) -> dict:
@@ -386,22 +442,32 @@ def run_bench(args: argparse.Namespace) -> dict:
                                                 f"train.max_steps={args.warmup + args.repeats}",
                                                 f"train.output_dir={args.output_dir}", *args.overrides]
     cfg = load_config(args.config, overrides)
-    steps = run_steps(cfg, STEP_KINDS, args.seq_len, args.warmup, args.repeats, args.threads)
-    ratios = {"MDU(alpha=0) / SFT (floor 4/3)": paired_ratio(steps["mdu_forget"], steps["sft"]),
-              "MDU(tau=0, alpha=0) / SFT (floor 1)": paired_ratio(steps["mdu_tau0"], steps["sft"]),
-              "MDU(alpha=1) / SFT on forget+retain rows (floor 7/6)": paired_ratio(steps["mdu"], steps["sft_2x"])}
+    sections = set(args.sections)
+    steps, ratios, kl, throughput, attention, lora = {}, {}, [], {}, {}, {}
+    if "steps" in sections:
+        steps = run_steps(cfg, STEP_KINDS, args.seq_len, args.warmup, args.repeats, args.threads)
+        ratios = {"MDU(alpha=0) / SFT (floor 4/3)": paired_ratio(steps["mdu_forget"], steps["sft"]),
+                  "MDU(tau=0, alpha=0) / SFT (floor 1)": paired_ratio(steps["mdu_tau0"], steps["sft"]),
+                  "MDU(alpha=1) / SFT on forget+retain rows (floor 7/6)": paired_ratio(steps["mdu"],
+                                                                                        steps["sft_2x"])}
     torch.set_num_threads(args.threads)
-    kl = bench_kl(args.kl_rows, args.kl_vocab, args.kl_chunks, args.tau, 1, args.kl_repeats)
-    throughput = {}
-    for tp in args.tp:
+    if "kl" in sections:
+        kl = bench_kl(args.kl_rows, args.kl_vocab, args.kl_chunks, args.tau, 1, args.kl_repeats)
+    for tp in args.tp if "throughput" in sections else ():
         tp_cfg = load_config(args.config, [*overrides, f"parallel.tensor={tp}"])
         throughput[tp] = run_steps(tp_cfg, ("mdu",), args.seq_len, args.warmup, args.repeats, args.threads)["mdu"]
-    attention = {n: run_steps(cfg, ("sft@sdpa", "sft@local"), n, args.warmup, args.repeats, args.threads)
-                 for n in args.attention_seq_lens}
+    if "attention" in sections:
+        attention = {n: run_steps(cfg, ("sft@sdpa", "sft@local"), n, args.warmup, args.repeats, args.threads)
+                     for n in args.attention_seq_lens}
+    if "lora" in sections and args.lora_rank > 0:
+        lora_cfg = load_config(args.config, [*overrides, f"lora.rank={args.lora_rank}"])
+        pair = run_steps(lora_cfg, ("mdu", "mdu+lora"), args.seq_len, args.warmup, args.repeats, args.threads)
+        lora = {"rank": args.lora_rank, "targets": lora_cfg.lora.targets, "steps": pair,
+                "time_ratio": paired_ratio(pair["mdu+lora"], pair["mdu"])}
     return {"machine": machine(), "config": args.config, "overrides": overrides, "seq_len": args.seq_len,
             "warmup": args.warmup, "repeats": args.repeats, "kl_repeats": args.kl_repeats,
             "threads_per_rank": args.threads, "steps": steps, "ratios": ratios, "kl": kl,
-            "throughput": throughput, "attention": attention}
+            "throughput": throughput, "attention": attention, "lora": lora}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -438,6 +504,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="", help="where the trainers keep their tokenizer (default: a temp dir)")
     p.add_argument("--attention-seq-lens", type=int, nargs="*", default=[],
                    help="sequence lengths of table (d), SDPA vs local attention (default: none)")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="table (e): the MDU step with every parameter vs LoRA of this rank (lora.* overrides set "
+                        "the rest; default 0: no table)")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="which tables to run (default all; lora needs --lora-rank)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="also write the tables here")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

@@ -205,6 +205,48 @@ class TrainConfig:
             raise ConfigError(f"{where}.recompute={self.recompute!r} must be none, selective or full")
 
 
+LORA_TARGETS = ("qkv", "attn-out", "mlp-in", "mlp-out")
+LORA_REFERENCES = ("adapters-off", "copy")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (``models.lora``): ``rank`` 0 trains every parameter; above 0 only the adapters train
+    and the base stays frozen."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+    # Which linears of every layer get an adapter: qkv (attention q/k/v), attn-out (attention output),
+    # mlp-in (SwiGLU gate and up), mlp-out (down).
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    seed: int = 0  # draws A (B starts at zero)
+    # The reference of MDU's anchor, NPO, SimNPO and DPO: adapters-off (the policy with its adapters switched off:
+    # theta_0, no second copy) | copy (a separate frozen copy, as without LoRA).
+    reference: str = "adapters-off"
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def validate(self, where: str = "lora") -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{where}.rank={self.rank} must be >= 0 (0 = off)")
+        if not self.alpha > 0:
+            raise ConfigError(f"{where}.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ConfigError(f"{where}.targets is empty: name some of {', '.join(LORA_TARGETS)}")
+        for t in self.targets:
+            if t not in LORA_TARGETS:
+                raise ConfigError(f"{where}.targets: {t!r} is not one of {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{where}.targets={self.targets} names a target twice")
+        if self.reference not in LORA_REFERENCES:
+            raise ConfigError(f"{where}.reference={self.reference!r} must be one of {', '.join(LORA_REFERENCES)}")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -215,11 +257,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def validate(self) -> None:
         for section in (self.model, self.parallel, self.data, self.method, self.optim, self.train, self.eval,
-                        self.launch):
+                        self.launch, self.lora):
             section.validate()
+        if self.lora.enabled and self.optim.zero_stage == 3:
+            # ZeRO-3 partitions the frozen base too; untested with adapters here.
+            raise ConfigError(f"lora.rank={self.lora.rank} needs optim.zero_stage 1 or 2 (got 3)")
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
         check_pipeline(self.optim, self.parallel.pipeline)
         self.eval.check_sampler(self.model.arch)

@@ -89,6 +89,12 @@ class DemoConfig:
     unlearn_lr: float = 1e-4
     methods: list[str] = field(default_factory=lambda: ["ga", "graddiff", "npo"])  # baselines besides MDU
     taus: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # one MDU run per tau
+    # MDU with LoRA adapters on every linear of every layer (the base frozen, the reference = the policy with its
+    # adapters off): one more run per seed at this rank (0: none), tau lora_tau, alpha 2 x rank and its own
+    # learning rate (the adapters start at B = 0 and hold a few percent of the parameters: a higher rate).
+    lora_rank: int = 8
+    lora_tau: float = 0.5
+    lora_lr: float = 1e-3
     num_samples: int = 8  # ELBO samples per answer (128 in the real benchmark)
     gen_length: int = 64
     steps: int = 32
@@ -131,6 +137,9 @@ class DemoConfig:
         if bad:
             raise ConfigError(f"{where}.methods: {bad[0]!r} is not a baseline (known: "
                               f"{', '.join(m for m in METHODS if m != 'mdu')}; MDU runs once per tau)")
+        if self.lora_rank < 0 or not self.lora_lr > 0:
+            raise ConfigError(f"{where}: lora_rank={self.lora_rank} must be >= 0 (0: no LoRA run) and lora_lr="
+                              f"{self.lora_lr} > 0")
         if self.forget_rows < self.batch_size:
             raise ConfigError(f"{where}.forget_rows={self.forget_rows} is fewer than batch_size={self.batch_size}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -374,15 +383,20 @@ def run_pipeline(d: DemoConfig) -> dict:
          *[evaluate("retain-only", seed, dirs["retain-only"]) for seed in d.seeds]]])
     done.update(more)
     finetuned = latest_checkpoint(dirs["finetuned"] / "checkpoints") / "model"
-    jobs = [(f"mdu tau={tau:g}", "mdu", tau) for tau in d.taus] + [(m, m, None) for m in d.methods]
+    # (name, method, tau, extra overrides, LoRA rank)
+    jobs = [(f"mdu tau={tau:g}", "mdu", tau, [], 0) for tau in d.taus] + [(m, m, None, [], 0) for m in d.methods]
+    if d.lora_rank:
+        jobs.append((f"mdu tau={d.lora_tau:g} lora r={d.lora_rank}", "mdu", d.lora_tau,
+                     [f"lora.rank={d.lora_rank}", f"lora.alpha={2 * d.lora_rank}", f"optim.lr={d.lora_lr}"],
+                     d.lora_rank))
     chains = [[evaluate(name, seed, dirs[name])] for seed in d.seeds for name in ("pretrained", "finetuned")]
     for seed in d.seeds:
-        for name, method, tau in jobs:
+        for name, method, tau, extra, _ in jobs:
             run_dir = out / "unlearn" / f"seed{seed}" / _slug(name)
             chains.append([train(name, run_dir, "unlearn", [
                 f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
                 f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
-                *([f"method.tau={tau}"] if tau is not None else [])], seed), evaluate(name, seed, run_dir)])
+                *([f"method.tau={tau}"] if tau is not None else []), *extra], seed), evaluate(name, seed, run_dir)])
             dirs[f"{name} seed {seed}"] = run_dir
     more, _ = run_phase(d, chains)
     done.update(more)
@@ -394,14 +408,16 @@ def run_pipeline(d: DemoConfig) -> dict:
         ckpt = latest_checkpoint(dirs[name] / "checkpoints") / "model"
         runs[name] = {"method": name, "tau": None, "checkpoint": rel(ckpt), "run_dir": rel(dirs[name]),
                       "seeds": {}}
-    for name, method, tau in jobs:
-        runs[name] = {"method": method, "tau": tau, "seeds": {}}
+    for name, method, tau, _, rank in jobs:
+        runs[name] = {"method": method, "tau": tau, "seeds": {}, **({"lora_rank": rank} if rank else {})}
     for name, run in runs.items():
         for seed in d.seeds:
             entry = run["seeds"][str(seed)] = {}
             if name not in SHARED:
                 run_dir = dirs[f"{name} seed {seed}"]
-                entry.update(checkpoint=rel(latest_checkpoint(run_dir / "checkpoints") / "model"),
+                latest = latest_checkpoint(run_dir / "checkpoints")
+                # A LoRA run's checkpoint is its adapters (over the fine-tuned model), not a model.
+                entry.update(checkpoint=rel(latest / ("adapter" if "lora_rank" in run else "model")),
                              run_dir=rel(run_dir))
             entry.update(metrics=done[f"eval {name} seed {seed}"][0], eval_dir=rel(eval_dir(name, seed)))
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])

@@ -40,16 +40,25 @@ def check_output_dir(path: str, key: str) -> None:
 
 
 def check_checkpoint(path: str | Path, model, key: str) -> str:
-    """"dist" (an mdu-dist checkpoint) or "hf" (an HF directory) whose weights fit ``model`` (architecture,
-    every shape; the files' sizes), checked without reading a weight; CheckpointError naming ``key`` otherwise."""
+    """"dist" (an mdu-dist checkpoint), "lora" (LoRA adapters, with the base they name) or "hf" (an HF directory)
+    whose weights fit ``model`` (architecture, every shape; the files' sizes), checked without reading a weight;
+    CheckpointError naming ``key`` otherwise."""
     from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, integrity_problems, read_info
     from mdu_dist.checkpoint.errors import CheckpointError
-    from mdu_dist.checkpoint.hf import open_hf_checkpoint
+    from mdu_dist.checkpoint.hf import check_same_model, open_hf_checkpoint
+    from mdu_dist.checkpoint.lora import LORA_MANIFEST, is_lora_checkpoint, read_adapters, read_lora_info
 
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{key}={path}: checkpoint directory not found")
     try:
+        if is_lora_checkpoint(p):
+            info = read_lora_info(p)
+            check_same_model(model, info.cfg, p / LORA_MANIFEST)
+            read_adapters(info)
+            if info.base["init"]:
+                check_checkpoint(info.base["init"], model, f"{key} (its LoRA base)")
+            return "lora"
         if (p / MANIFEST).is_file():
             info = read_info(p)
             check_model_matches(info, model)
@@ -114,7 +123,9 @@ def prepare(cfg, job: str, dp: int) -> JobInputs:
     check_output_dir(cfg.train.output_dir, "train.output_dir")
     pairs = read_sources(cfg, job)
     if cfg.train.init:
-        check_checkpoint(cfg.train.init, cfg.model, "train.init")
+        if check_checkpoint(cfg.train.init, cfg.model, "train.init") == "lora":
+            raise ConfigError(f"train.init={cfg.train.init} holds LoRA adapters, not a model: start from their "
+                              "merged export (`mdu-dist convert lora-to-hf`)")
     tokenizer, tokenizer_dir = job_tokenizer(cfg)
     check_tokenizer_fits(tokenizer, tokenizer_dir or f"trained on data.finetune={cfg.data.finetune!r}",
                          cfg.model.vocab_size)

@@ -33,6 +33,15 @@ router scores: A_moe(n) = 2 bytes x n x [4h + 2h + 2kv + S + k (4 f_e + h) + 4 f
 of width f_e out of E, shared width f_s). Every expert of a stage lives on each of its ranks (no expert
 parallelism: ``parallel.expert``), so the routed experts' share of the parameters is what PP and ZeRO split.
 
+With LoRA (``lora.rank`` > 0), with Pa = adapter parameters of that stage's TP rank (``models.lora``):
+
+    parameters     2 P + 2 Pa     the frozen base and the adapters, bf16 (ZeRO-3 is refused with LoRA)
+    gradients      2 Pa           adapters only; ZeRO-2 partitions them: 2 Pa / DP
+    optimizer     12 Pa / DP      adapters only
+    reference      0              the policy with its adapters off (2 P with lora.reference=copy)
+    activations    as above       the frozen linears no longer need their input for a weight gradient, but the
+                                  adapters read the same inputs: the same bytes are counted
+
 Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
 fragmentation; leave a margin of several GB below --gpu-mem.
 """
@@ -47,7 +56,7 @@ from pathlib import Path
 import torch
 
 from mdu_dist.checkpoint.source import load_job_config
-from mdu_dist.config import Config, ModelConfig
+from mdu_dist.config import Config, LoRAConfig, ModelConfig
 from mdu_dist.errors import ConfigError
 from mdu_dist.losses.divergence import chunk_rows
 
@@ -139,15 +148,22 @@ def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload
 
 
 def memory_row(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, offload: str, w: Workload,
-               gpu_mem_gib: float, stage_params: list[int] | None = None) -> Row:
-    """The per-GPU memory of the most loaded pipeline stage of one layout and ZeRO choice."""
+               gpu_mem_gib: float, stage_params: list[int] | None = None, lora: LoRAConfig | None = None) -> Row:
+    """The per-GPU memory of the most loaded pipeline stage of one layout and ZeRO choice; with ``lora``
+    enabled, of training its adapters only."""
+    from mdu_dist.models.lora import adapter_parameters
+
     stage_params = stage_params or stage_parameters(cfg, tp, pp)
+    lora = lora if lora is not None and lora.enabled else None
+    trainable = adapter_parameters(cfg, lora, tp, cfg.num_layers // pp) if lora else None
+    copy = lora is None or lora.reference == "copy"
     rows = []
     for stage, p in enumerate(stage_params):
-        params = BF16 * p // (dp if zero == 3 else 1)
-        grads = BF16 * p // (dp if zero >= 2 else 1)
-        optimizer = ADAM_BYTES * p // dp
-        reference = BF16 * p if w.reference_passes else 0
+        t = p if trainable is None else trainable
+        params = BF16 * (p + (trainable or 0)) // (dp if zero == 3 else 1)
+        grads = BF16 * t // (dp if zero >= 2 else 1)
+        optimizer = ADAM_BYTES * t // dp
+        reference = BF16 * p if w.reference_passes and copy else 0
         activations = activation_bytes(cfg, tp, pp, stage, w)
         on_gpu_optimizer = 0 if offload == "cpu" else optimizer
         total = params + grads + on_gpu_optimizer + reference + activations
@@ -187,10 +203,11 @@ def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:
     rows = []
     for tp, pp, dp in layouts(cfg.model, gpus):
         stage_params = stage_parameters(cfg.model, tp, pp)
-        # ZeRO-2/3 are refused with pipeline parallelism (optim.check_pipeline).
-        for zero in (1, 2, 3) if pp == 1 else (1,):
+        # ZeRO-2/3 are refused with pipeline parallelism (optim.check_pipeline), ZeRO-3 with LoRA.
+        for zero in (1,) if pp > 1 else (1, 2) if cfg.lora.enabled else (1, 2, 3):
             for offload in ("none", "cpu"):
-                rows.append(memory_row(cfg.model, tp, pp, dp, zero, offload, w, gpu_mem_gib, stage_params))
+                rows.append(memory_row(cfg.model, tp, pp, dp, zero, offload, w, gpu_mem_gib, stage_params,
+                                       cfg.lora))
     return rows
 
 
@@ -262,6 +279,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{w.policy_passes} policy + {w.reference_passes} reference pass(es), logits at "
           f"{w.masked_fraction:.0%} of positions; {m.attention} attention, recompute {w.recompute}; "
           f"{args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")
+    if cfg.lora.enabled:
+        from mdu_dist.models.lora import adapter_parameters
+
+        lora = cfg.lora
+        print(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {adapter_parameters(m, lora, 1, m.num_layers):,} "
+              f"trainable parameters, the base frozen; reference: "
+              f"{'a frozen copy' if lora.reference == 'copy' else 'the policy with its adapters off (no copy)'}")
     print(format_table(rows))
     fitting = [r for r in rows if r.fits]
     print(f"{len(fitting)} of {len(rows)} layouts fit in {args.gpu_mem:g} GiB per GPU"

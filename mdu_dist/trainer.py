@@ -80,10 +80,16 @@ class Trainer:
         self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
                           else build_objective(cfg.method, m.mask_token_id))
         dtype = resolve_dtype(cfg.optim)
-        self.policy = build_stage(m, dtype, cfg.train.recompute)
-        # MDU at tau = 0 (uniform target) needs no theta_0: none is built.
-        self.reference = build_stage(m, dtype) if self.objective.needs_reference else None
+        lora = cfg.lora if cfg.lora.enabled else None
+        self.policy = build_stage(m, dtype, cfg.train.recompute, lora)
+        # MDU at tau = 0 (uniform target) needs no theta_0: none is built. With LoRA the reference is the policy
+        # with its adapters off unless lora.reference=copy.
+        self.adapters_off = self.objective.needs_reference and lora is not None and lora.reference == "adapters-off"
+        self.reference = (build_stage(m, dtype) if self.objective.needs_reference and not self.adapters_off
+                          else None)
         self._load_initial_weights()
+        if lora is not None:
+            self._check_only_adapters_train()
         per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
         self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
@@ -113,28 +119,18 @@ class Trainer:
 
     def _load_initial_weights(self) -> None:
         """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""
-        from mdu_dist.checkpoint.convert import load_hf_into_stage
-        from mdu_dist.checkpoint.dist import MANIFEST, load_model_checkpoint
-        from mdu_dist.checkpoint.hf import open_hf_checkpoint
-        from mdu_dist.models.dense import init_weights
-        from mdu_dist.models.mcore_layout import load_shard, shard
+        from mdu_dist.checkpoint.convert import load_initial_weights
 
-        stages = [s for s in (self.policy, self.reference) if s is not None]
-        init, m = self.cfg.train.init, self.cfg.model
-        if not init:
-            ps = self.ps
-            weights = init_weights(m, seed=self.cfg.train.seed)
-            state = shard(m, weights, ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
-                          ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank())
-            for s in stages:
-                load_shard(s.module, state)
-        elif (Path(init) / MANIFEST).exists():
-            for s in stages:
-                load_model_checkpoint(s, init)
-        else:
-            with open_hf_checkpoint(init, m, m.arch) as reader:
-                for s in stages:
-                    load_hf_into_stage(s, reader)
+        load_initial_weights([s for s in (self.policy, self.reference) if s is not None], self.cfg.train.init,
+                             self.cfg.train.seed)
+
+    def _check_only_adapters_train(self) -> None:
+        """With LoRA nothing but the adapters may train: the adapters-off reference is theta_0 only then, and the
+        optimizer must hold no base parameter."""
+        trainable = {id(p) for p in self.policy.parameters() if p.requires_grad}
+        adapters = {id(p) for p in self.policy.lora.parameters()}
+        if trainable != adapters:
+            raise AssertionError(f"LoRA run: {len(trainable - adapters)} non-adapter parameter(s) would train")
 
     # --------------------------------------------------------------------------------------------- step
 
@@ -161,7 +157,7 @@ class Trainer:
         from mdu_dist.optim import forward_backward, optimizer_step
 
         mbs = self._microbatches(step)
-        reference = self.reference
+        reference, adapters_off = self.reference, self.adapters_off
 
         def forward(model, mb):
             return model(mb.ids, mb.n_policy, mb.positions)
@@ -172,7 +168,7 @@ class Trainer:
         start = time.perf_counter()
         reported = forward_backward(self.engine, mbs, forward, loss_fn, seq_length=mbs[0].ids.shape[1],
                                     micro_batch_size=mbs[0].ids.shape[0],
-                                    wrap=lambda policy: PolicyAndReference(policy, reference))
+                                    wrap=lambda policy: PolicyAndReference(policy, reference, adapters_off))
         stats = optimizer_step(self.engine)
         elapsed = time.perf_counter() - start
         metrics = self._reduce_metrics(reported)
@@ -210,6 +206,7 @@ class Trainer:
         import shutil
 
         from mdu_dist.checkpoint.dist import save_model_checkpoint
+        from mdu_dist.checkpoint.lora import ADAPTER_DIR, base_of, save_adapters
         from mdu_dist.checkpoint.steps import TRAINER_STATE, partial_dir, step_dir
 
         final, tmp = step_dir(self.checkpoint_root, step), partial_dir(self.checkpoint_root, step)
@@ -218,8 +215,15 @@ class Trainer:
             tmp.mkdir(parents=True)
         barrier()
         tokenizer_files = sorted(p for p in self.tokenizer_dir.iterdir() if p.is_file())
-        save_model_checkpoint(self.policy, tmp / "model", step=step, hf_files=tokenizer_files)
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        lora = self.cfg.lora
+        if lora.enabled:
+            # The frozen base is named, not copied; DeepSpeed keeps the adapters and their optimizer state only.
+            save_adapters(self.policy, tmp / ADAPTER_DIR, lora, base_of(self.cfg.train.init, self.cfg.train.seed),
+                          step, tokenizer_files)
+        else:
+            save_model_checkpoint(self.policy, tmp / "model", step=step, hf_files=tokenizer_files)
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=lora.enabled)
         barrier()
         if dist.get_rank() == 0:
             write_json_atomic(tmp / TRAINER_STATE, {"step": step, "job": self.job, "total_steps": self.total_steps,
@@ -233,12 +237,18 @@ class Trainer:
     def resume(self, path: Path) -> int:
         """Collective: restore weights, optimizer, scheduler and the step counter from checkpoint ``path``."""
         from mdu_dist.checkpoint.dist import load_model_checkpoint
+        from mdu_dist.checkpoint.lora import ADAPTER_DIR, check_base, load_adapters_into, read_lora_info
         from mdu_dist.checkpoint.steps import TRAINER_STATE
 
         state = json.loads((path / TRAINER_STATE).read_text())
         if state["job"] != self.job:
             raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
-        load_model_checkpoint(self.policy, path / "model")
+        if self.cfg.lora.enabled:
+            info = read_lora_info(path / ADAPTER_DIR)
+            check_base(info, self.cfg.train.init, self.cfg.train.seed, self.cfg.model)
+            load_adapters_into(self.policy, info)
+        else:
+            load_model_checkpoint(self.policy, path / "model")
         self.engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_module_strict=False,
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         return int(state["step"])

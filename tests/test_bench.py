@@ -64,7 +64,8 @@ def test_bench_runs_tiny(tmp_path):
                                                                 str(Path("build/torch_extensions").absolute()))}
     proc = subprocess.run([sys.executable, "tools/bench.py", "--tiny", "--seq-len", "32", "--micro-batch-size", "2",
                            "--warmup", "0", "--repeats", "1", "--kl-rows", "8", "--kl-vocab", "256", "--kl-repeats",
-                           "1", "--attention-seq-lens", "32", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
+                           "1", "--attention-seq-lens", "32", "--lora-rank", "2", "--json", str(out),
+                           "--markdown", str(tmp_path / "b.md")],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -74,6 +75,14 @@ def test_bench_runs_tiny(tmp_path):
     assert all(v["peak_bytes"] > 0 for v in result["steps"].values())
     assert "(d) SFT step, SDPA vs megatron's local core attention" in (tmp_path / "b.md").read_text()
     assert "MDU(alpha=0) / SFT" in proc.stdout and "| TP | s/step | tokens/s |" in proc.stdout
+    lora = result["lora"]["steps"]
+    assert set(lora) == {"mdu", "mdu+lora"} and result["lora"]["rank"] == 2
+    # Adapters only train (4 layers x (qkv, attn-out, mlp-in, mlp-out) at rank 2 of the tiny 128 x 352 model), and
+    # with neither the reference copy nor the base's Adam state less is held between steps.
+    h, f = 128, 352
+    assert lora["mdu+lora"]["trainable"] == 4 * 2 * ((h + 3 * h) + (h + h) + (h + 2 * f) + (f + h))
+    assert lora["mdu+lora"]["resident_bytes"] < lora["mdu"]["resident_bytes"] / 2
+    assert "LoRA / full: time" in proc.stdout
 
 
 def test_model_flops_by_hand():

@@ -15,7 +15,7 @@ import pytest
 from mdu_dist.demo import load_demo_config, numerics_env
 from mdu_dist.errors import ConfigError
 
-MODELS = ["pretrained", "finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo"]
+MODELS = ["pretrained", "finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo", "mdu tau=0.5 lora r=8"]
 SEEDS = ["0", "1"]
 
 
@@ -65,6 +65,15 @@ def test_quick_demo_end_to_end(quick_demo):
             assert list((out / t["run_dir"] / "tensorboard").glob("events.out.tfevents.*")), name
             assert (out / t["checkpoint"]).is_dir()
     assert all(s["metrics"]["forget_quality"] == 1.0 for s in result["runs"]["retain-only"]["seeds"].values())
+    # MDU with LoRA: its checkpoints are adapters (with the fine-tuned model named as their base), and they moved.
+    lora = result["runs"]["mdu tau=0.5 lora r=8"]
+    assert lora["method"] == "mdu" and lora["tau"] == 0.5 and lora["lora_rank"] == 8
+    from mdu_dist.checkpoint.lora import read_adapters, read_lora_info
+
+    for s in lora["seeds"].values():
+        info = read_lora_info(out / s["checkpoint"])
+        assert info.lora.rank == 8 and "/finetune/checkpoints/step-" in info.base["init"]
+        assert any(v.abs().max() > 0 for k, v in read_adapters(info).items() if k.endswith("lora_B"))
     # Each seed unlearned on its own (its own run directory, its own train.seed).
     ga = result["runs"]["ga"]["seeds"]
     assert ga["0"]["run_dir"] != ga["1"]["run_dir"]
@@ -121,6 +130,7 @@ def test_numerics_env_pins_every_library():
     ("retain_general_rows=9", "demo.retain_general_rows=9: must be >= 0 and, with general_rows=16, at most "
                               "pretrain_rows=24"),
     ("workers=0", "demo.workers=0 must be >= 1"),
+    ("lora_rank=-1", "demo: lora_rank=-1 must be >= 0"),
 ])
 def test_bad_demo_settings_are_named(override, needle):
     with pytest.raises(ConfigError) as e:

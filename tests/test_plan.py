@@ -124,3 +124,29 @@ def test_cli_prints_a_table_for_the_70b_config(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "| TP | PP | DP | ZeRO |" in out and "layouts fit in 80 GiB" in out
     assert (tmp_path / "p.json").exists()
+
+
+def test_lora_counts_adapters_and_their_adam_state_only():
+    """LLaDA-8B at TP=2, rank 16 on all four targets; the adapter count written out from the shapes."""
+    h, f, r = 4096, 12288, 16
+    per_layer = (r * (h + 3 * h // 2)  # qkv: A [r, h] replicated, B rows of 16 of 32 heads (q, k, v)
+                 + r * (h // 2 + h)  # attn-out: A columns split, B [h, r] replicated
+                 + r * (h + 2 * f // 2)  # mlp-in: A replicated, B [gate_r; up_r] rows
+                 + r * (f // 2 + h))  # mlp-out: A columns split, B replicated
+    lora = load_config("configs/llada_8b.yaml", ["lora.rank=16"]).lora
+    w = Workload(1, 128, 0.5, 2, 1)
+    p = stage_parameters(LLADA_8B, 2, 1)[0]
+    row = memory_row(LLADA_8B, 2, 1, 4, 2, "none", w, 80, lora=lora)
+    assert (row.params, row.grads, row.optimizer, row.reference) == (
+        2 * (p + 32 * per_layer), 2 * 32 * per_layer // 4, 12 * 32 * per_layer // 4, 0)
+    copy = dataclasses.replace(lora, reference="copy")
+    assert memory_row(LLADA_8B, 2, 1, 4, 2, "none", w, 80, lora=copy).reference == 2 * p
+    full = memory_row(LLADA_8B, 2, 1, 4, 2, "none", w, 80)
+    assert row.activations == full.activations and row.total < full.total / 2
+
+
+def test_plan_with_lora_offers_no_zero_3():
+    from mdu_dist.plan import plan
+
+    cfg = load_config("configs/llada_8b.yaml", ["lora.rank=16"])
+    assert {r.zero for r in plan(cfg, 1, 40, Workload(1, 128, 0.5, 2, 1))} == {1, 2}

@@ -80,19 +80,35 @@ def test_tp_and_pp_layouts_agree(tmp_path):
 RESUME_ARGS = ["unlearn", "--config", "configs/llada_tiny.yaml", *TINY, "train.max_steps=4", "train.save_every=1"]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whole")
-    _cli(*RESUME_ARGS, f"train.output_dir={out}")
-    return out
+# Full-parameter training, and LoRA (whose checkpoints hold the adapters and their optimizer state only).
+MODES = {"full": [], "lora": ["lora.rank=4", "lora.alpha=8"]}
+
+
+def _final_state(run: Path, step: int, mode: str) -> dict[str, torch.Tensor]:
+    if mode == "full":
+        return _final_weights(run, step)
+    from mdu_dist.checkpoint.lora import read_adapters, read_lora_info
+
+    ckpt = run / "checkpoints" / f"step-{step}"
+    assert not (ckpt / "model").exists(), "a LoRA checkpoint must not copy the frozen base"
+    return read_adapters(read_lora_info(ckpt / "adapter"))
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def uninterrupted(request, tmp_path_factory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(f"whole-{request.param}")
+    _cli(*RESUME_ARGS, *MODES[request.param], f"train.output_dir={out}")
+    return request.param, out
 
 
 @pytest.mark.parametrize("kill_when", ["training", "saving"])
 def test_sigkill_then_resume_replays_exactly(tmp_path, uninterrupted, kill_when):
     """SIGKILL while step 3 trains (step-2 just written) or while step 3 is being saved; then resume."""
+    mode, uninterrupted = uninterrupted
+    args = [*RESUME_ARGS, *MODES[mode]]
     cut = tmp_path / "cut"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path("build/torch_extensions").absolute())}
-    proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *RESUME_ARGS, f"train.output_dir={cut}"],
+    proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *args, f"train.output_dir={cut}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     trigger = cut / "checkpoints" / ("step-2" if kill_when == "training" else ".step-3.partial")
     deadline = time.monotonic() + 300
@@ -103,15 +119,15 @@ def test_sigkill_then_resume_replays_exactly(tmp_path, uninterrupted, kill_when)
     assert trigger.exists(), f"the run ended before {trigger.name} appeared"
     assert not (cut / "checkpoints" / "step-3").exists()
 
-    _cli(*RESUME_ARGS, f"train.output_dir={cut}", "train.resume=auto")
+    _cli(*args, f"train.output_dir={cut}", "train.resume=auto")
     a, b = _scalars(uninterrupted), _scalars(cut)
     for tag in ("unlearn/forget-loss", "unlearn/retain-loss", "grad-norm", "learning-rate"):
         # The killed run may have logged step 3 before dying; the resumed run logs it again (last one wins).
         curve_a, curve_b = dict(a[tag]), dict(b[tag])
         assert sorted(curve_b) == [1, 2, 3, 4]
         assert curve_a == curve_b, f"{tag}: resumed {curve_b} != uninterrupted {curve_a}"
-    wa, wb = _final_weights(uninterrupted, 4), _final_weights(cut, 4)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    wa, wb = _final_state(uninterrupted, 4, mode), _final_state(cut, 4, mode)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.parametrize("overrides,needle", [

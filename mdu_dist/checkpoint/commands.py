@@ -1,4 +1,4 @@
-"""``mdu-dist convert hf-to-dist | dist-to-hf``, ``mdu-dist reshard`` and ``mdu-dist inspect``."""
+"""``mdu-dist convert hf-to-dist | dist-to-hf | lora-to-peft | lora-to-hf``, ``mdu-dist reshard`` and ``mdu-dist inspect``."""
 
 from __future__ import annotations
 
@@ -72,6 +72,23 @@ def cmd_dist_to_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_to_peft(args: argparse.Namespace) -> int:
+    from mdu_dist.checkpoint.lora import export_peft
+
+    print(f"wrote {export_peft(args.src, args.out, overwrite=args.overwrite)} (PEFT LoRA adapter)")
+    return 0
+
+
+def cmd_lora_to_hf(args: argparse.Namespace) -> int:
+    from mdu_dist.checkpoint.convert import DTYPES
+    from mdu_dist.checkpoint.lora import export_merged
+
+    out = export_merged(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
+                        max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
+    print(f"wrote {out} (base + adapters merged)")
+    return 0
+
+
 def cmd_reshard(args: argparse.Namespace) -> int:
     from mdu_dist.checkpoint.convert import reshard
 
@@ -130,6 +147,22 @@ def register(subparsers) -> None:
     d2h.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256")
     _common(d2h)
     d2h.set_defaults(func=lambda a: _run(cmd_dist_to_hf, a))
+
+    l2p = csub.add_parser("lora-to-peft", help="LoRA checkpoint -> PEFT adapter (adapter_config.json + "
+                                               "adapter_model.safetensors, HF module names)")
+    l2p.add_argument("--in", dest="src", required=True, help="LoRA checkpoint (step-N or step-N/adapter)")
+    l2p.add_argument("--out", required=True, help="output directory (written atomically)")
+    _common(l2p)
+    l2p.set_defaults(func=lambda a: _run(cmd_lora_to_peft, a))
+
+    l2h = csub.add_parser("lora-to-hf", help="LoRA checkpoint -> HF-layout checkpoint of the base with the "
+                                             "adapters merged in")
+    l2h.add_argument("--in", dest="src", required=True, help="LoRA checkpoint (step-N or step-N/adapter)")
+    l2h.add_argument("--out", required=True, help="output HF directory (written atomically)")
+    l2h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the base's")
+    l2h.add_argument("--max-shard-size", type=_size, default="5GB", help="largest safetensors file (default 5GB)")
+    _common(l2h)
+    l2h.set_defaults(func=lambda a: _run(cmd_lora_to_hf, a))
 
     rs = subparsers.add_parser("reshard", help="re-save a dist checkpoint's model weights for another TP x PP",
                                description="Model weights only: optimizer or other trainer state is not resharded "

@@ -72,6 +72,27 @@ def load_hf_into_stage(stage, reader: HFCheckpointReader, progress: bool = False
             param.copy_(tensor)
 
 
+def load_initial_weights(stages: list, init: str, seed: int) -> None:
+    """Collective: fill each stage (same model, this rank's TP/PP slice) with ``init``: an HF or mdu-dist
+    checkpoint directory, or "" for random weights drawn from ``seed`` (tiny models)."""
+    from mdu_dist.models.dense import init_weights
+    from mdu_dist.models.mcore_layout import load_shard, shard
+
+    m = stages[0].cfg
+    if not init:
+        tp, tp_rank, pp, pp_rank = _rank()
+        state = shard(m, init_weights(m, seed=seed), tp, tp_rank, pp, pp_rank)
+        for s in stages:
+            load_shard(s.module, state)
+    elif (Path(init) / MANIFEST).exists():
+        for s in stages:
+            load_model_checkpoint(s, init)
+    else:
+        with open_hf_checkpoint(init, m, m.arch) as reader:
+            for s in stages:
+                load_hf_into_stage(s, reader)
+
+
 # --------------------------------------------------------------------------------------------- workers
 
 

@@ -1,7 +1,7 @@
 """What a checkpoint path given to a job names, and the model shape it fixes.
 
 ``train.init`` and ``eval.checkpoint`` take an HF directory (config.json) or an mdu-dist checkpoint (its
-manifest); ``eval.checkpoint`` also takes a run directory (its latest complete step). The model keys a user
+manifest); ``eval.checkpoint`` also takes a run directory (its latest complete step) and a LoRA run's adapters. The model keys a user
 leaves unset are read from that checkpoint, so ``mdu-dist unlearn train.init=LLaDA-8B-Instruct`` needs no config
 file. A key the user set that decides what the weights compute (the architecture, the shape, the mask id) must
 agree with the checkpoint, else one line names both values; the others (EOS / pad ids, the longest sequence)
@@ -17,6 +17,7 @@ from typing import Any
 from mdu_dist.checkpoint.dist import MANIFEST, read_info
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import CONFIG_FILE, MUST_MATCH, hf_model_keys, read_json
+from mdu_dist.checkpoint.lora import adapter_dir, is_lora_checkpoint, read_lora_info
 from mdu_dist.checkpoint.steps import checkpoints_dir, latest_checkpoint
 from mdu_dist.config import Config, ConfigError, apply_overrides, config_from_dict, read_config_file
 
@@ -28,7 +29,8 @@ RUNTIME_KEYS = ("attention",)
 
 
 def resolve_checkpoint(path: str, key: str = "eval.checkpoint") -> tuple[Path, str]:
-    """(directory, kind): kind is "dist" (mdu-dist checkpoint) or "hf". A run directory means its latest step."""
+    """(directory, kind): kind is "dist" (mdu-dist checkpoint), "lora" (a LoRA run's adapters, over the base they
+    name) or "hf". A run directory means its latest complete step."""
     if not path:
         raise ConfigError(f"{key} is not set (a …/checkpoints/step-N/model directory, a run dir or an HF dir)")
     p = Path(path)
@@ -37,10 +39,13 @@ def resolve_checkpoint(path: str, key: str = "eval.checkpoint") -> tuple[Path, s
     for root in (p, checkpoints_dir(p)):
         latest = latest_checkpoint(root)
         if latest is not None:
-            p = latest / "model"
+            p = latest
             break
     if (p / "model" / MANIFEST).exists() and not (p / MANIFEST).exists():
         p = p / "model"
+    p = adapter_dir(p)
+    if is_lora_checkpoint(p):
+        return p, "lora"
     if (p / MANIFEST).exists():
         return p, "dist"
     if (p / CONFIG_FILE).exists():
@@ -53,8 +58,8 @@ def checkpoint_model_keys(path: str, key: str) -> dict[str, Any]:
     """The ModelConfig keys the checkpoint at ``path`` fixes; CheckpointError naming ``key`` and the file."""
     directory, kind = resolve_checkpoint(path, key)
     try:
-        if kind == "dist":
-            model = dataclasses.asdict(read_info(directory).cfg)
+        if kind in ("dist", "lora"):  # a LoRA checkpoint records the shape of the base it adapts
+            model = dataclasses.asdict((read_info if kind == "dist" else read_lora_info)(directory).cfg)
             return {k: v for k, v in model.items() if k not in RUNTIME_KEYS}
         where = directory / CONFIG_FILE
         return hf_model_keys(read_json(where), source=str(where))

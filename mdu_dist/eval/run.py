@@ -164,12 +164,20 @@ class Evaluator:
         self.cfg, self.e, m = cfg, cfg.eval, cfg.model
         self.tok = load_tokenizer(tokenizer_dir)
         check_tokenizer_fits(self.tok, tokenizer_dir, m.vocab_size)
-        self.stage = build_stage(m).eval()
+        if kind == "lora":
+            from mdu_dist.checkpoint.lora import load_lora_checkpoint, read_lora_info
+
+            info = read_lora_info(ckpt)
+            self.stage = build_stage(m, lora=info.lora).eval()
+            load_lora_checkpoint(self.stage, info)
+            kind = "loaded"
+        else:
+            self.stage = build_stage(m).eval()
         if kind == "dist":
             from mdu_dist.checkpoint.dist import load_model_checkpoint
 
             load_model_checkpoint(self.stage, ckpt)
-        else:
+        elif kind == "hf":
             from mdu_dist.checkpoint.convert import load_hf_into_stage
             from mdu_dist.checkpoint.hf import open_hf_checkpoint
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdu_dist.config import ModelConfig
+from mdu_dist.config import LoRAConfig, ModelConfig
 from mdu_dist.models import ARCHS
 
 
@@ -252,10 +252,19 @@ class DiffusionLM(nn.Module):
         return logits.masked_fill(columns >= self.cfg.vocab_size, float("-inf"))
 
 
-def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32, recompute: str = "none") -> DiffusionLM:
-    """Build this rank's stage of the model from megatron-core's (already initialised) parallel state."""
+def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32, recompute: str = "none",
+                lora: LoRAConfig | None = None) -> DiffusionLM:
+    """Build this rank's stage of the model from megatron-core's (already initialised) parallel state; with
+    ``lora`` enabled, its base frozen and LoRA adapters added (``models.lora.add_adapters``)."""
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    return DiffusionLM(cfg, tp, pp, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                       tp_rank=ps.get_tensor_model_parallel_rank(), dtype=dtype, recompute=recompute)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    stage = DiffusionLM(cfg, tp, pp, pre_process=ps.is_pipeline_first_stage(),
+                        post_process=ps.is_pipeline_last_stage(), tp_rank=tp_rank, dtype=dtype, recompute=recompute)
+    if lora is not None and lora.enabled:
+        from mdu_dist.models.lora import add_adapters
+
+        group = ps.get_tensor_model_parallel_group() if tp > 1 else None
+        add_adapters(stage, lora, tp, tp_rank, pp, pp_rank, group, input_requires_grad=recompute == "full")
+    return stage

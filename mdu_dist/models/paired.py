@@ -5,6 +5,9 @@ the same TP/PP groups as the policy. Rather than running the pipeline once per m
 the policy's rows and the reference's rows along the batch dimension; each stage runs the policy on the first
 ``n_policy`` rows (with autograd) and the reference on the rest (under ``no_grad``, so no activations are
 kept), and the pipeline moves one activation tensor per micro-batch. Gradients reach the policy rows only.
+
+With LoRA the reference can instead be the policy itself with its adapters switched off (``adapters_off``):
+while only the adapters train, its base weights are theta_0, and no second copy is held.
 """
 
 from __future__ import annotations
@@ -12,15 +15,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mdu_dist.models.lora import adapters_disabled
 from mdu_dist.models.mcore import DiffusionLM
 
 
 class PolicyAndReference(nn.Module):
-    def __init__(self, policy: nn.Module, reference: DiffusionLM | None):
+    def __init__(self, policy: nn.Module, reference: DiffusionLM | None, adapters_off: bool = False):
         super().__init__()
+        if adapters_off and reference is not None:
+            raise ValueError("a reference copy and adapters_off are exclusive")
         # ``module`` lets megatron-core's get_attr_wrapped_model reach the policy's config and model_type.
         self.module = policy
         self.reference = reference
+        self.adapters_off = adapters_off
         if reference is not None:
             reference.requires_grad_(False).eval()
         self._input: torch.Tensor | None = None
@@ -47,12 +54,17 @@ class PolicyAndReference(nn.Module):
         out = self._run(self.module, ids[:n_policy], policy_positions, policy_hidden)
         if n_policy == ids.shape[0]:
             return out
-        if self.reference is None:
+        if self.reference is None and not self.adapters_off:
             raise ValueError(f"{ids.shape[0] - n_policy} reference rows but no reference model was built")
         with torch.no_grad():
             ref_hidden = None if hidden is None else hidden[:, n_policy:]
             ref_positions = None if positions is None else positions[n_policy:]
-            ref_out = self._run(self.reference, ids[n_policy:], ref_positions, ref_hidden)
+            if self.adapters_off:
+                stage = _stage(self.module)
+                with adapters_disabled(stage):
+                    ref_out = self._run(stage, ids[n_policy:], ref_positions, ref_hidden)
+            else:
+                ref_out = self._run(self.reference, ids[n_policy:], ref_positions, ref_hidden)
         return torch.cat([out, ref_out], dim=0 if _stage(self.module).post_process else 1)
 
 
