@@ -55,6 +55,12 @@ class SlurmCluster:
     def conf(self) -> Path:
         return self.root / "slurm.conf"
 
+    @property
+    def node_local(self) -> Path:
+        """A path that is a directory of its own on each node of a multi-node cluster (a tmpfs each slurmd
+        mounts in its mount namespace), like /tmp or a local scratch disk on a real cluster."""
+        return self.root / "node-local"
+
 
 def _run(*cmd: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -227,7 +233,7 @@ def running_cluster(nodes: int = 1, cpus: int = 0) -> Iterator[SlurmCluster]:
         else:
             names = [f"mdunode{i + 1:02d}" for i in range(nodes)]
             ctl_addr, addrs, namespaces = _network(stack, root.name.rsplit("-", 1)[-1][:4], names, root / "hosts")
-        for sub in ("state", *(f"spool/{name}" for name in names)):
+        for sub in ("state", "node-local", *(f"spool/{name}" for name in names)):
             (root / sub).mkdir(parents=True)
         key = root / "munge.key"
         key.write_bytes(secrets.token_bytes(1024))
@@ -250,9 +256,10 @@ def running_cluster(nodes: int = 1, cpus: int = 0) -> Iterator[SlurmCluster]:
         procs["slurmctld"] = subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(conf)], **quiet)
         for name, ns in zip(names, namespaces or [None]):
             slurmd = ["slurmd", "-D", "-N", name, "-f", str(conf)]
-            if ns:  # the node's own network, host name and /etc/hosts; the munge socket is a file, reachable
+            if ns:  # the node's own network, host name, /etc/hosts and local disk; the munge socket is a file
                 slurmd = ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--uts", "sh", "-c",
-                          f"mount --bind {root}/hosts /etc/hosts && hostname {name} && exec {' '.join(slurmd)}"]
+                          f"mount --bind {root}/hosts /etc/hosts && mount -t tmpfs tmpfs {root}/node-local && "
+                          f"hostname {name} && exec {' '.join(slurmd)}"]
             procs[f"slurmd-{name}"] = subprocess.Popen(slurmd, **quiet)
         _wait_idle(tuple(names), procs, root)
         yield SlurmCluster(root, tuple(names), partition, cpus, tuple(addrs))
