@@ -12,7 +12,8 @@ master's name resolves only inside the cluster).
 - ``launchers/slurm/unlearn_{llada_8b,dream_7b}.sbatch``, edited as a user would (tiny config, CPU, 2 nodes x
   2 tasks), submitted with ``sbatch`` and run to the end.
 
-Slow (several 4-rank jobs on two cores): docs/multinode.md has the measured time.
+The first test (cluster start, one 2-node job, its two one-node references) is in the default tier; the others
+are marked slow (several 4-rank jobs on two cores). docs/multinode.md has the measured times.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def tp2_dp2(slurm_cluster_2nodes, tmp_path_factory) -> Path:  # noqa: F811
     return out
 
 
-@pytest.mark.slow
 def test_tp2_inside_nodes_dp2_across_them_equals_one_node(tp2_dp2, tmp_path):
     # Ranks 0-1 (one TP group, DP replica 0) on the first node, 2-3 on the second: the DP all-reduce and the
     # rendezvous cross the nodes, the TP all-reduces stay inside them.
