@@ -5,8 +5,10 @@ veth pair to a bridge that holds the controller's address, an address in a priva
 interface of this machine uses yet, and a host name of their own (``unshare --uts``) that resolves only
 inside the cluster: each slurmd runs in a mount namespace of its own where the cluster's hosts file is
 bind-mounted over /etc/hosts (what ``ip netns exec`` does with /etc/netns/NAME, but ``ip netns exec`` also
-remounts /sys, hiding the cgroup mounts slurmd wants even with task/none). Node names are ``mdunode01``, ``mdunode02``... so a job's SLURM_JOB_NODELIST is compressed (``mdunode[01-02]``).
-The namespaces still share the filesystem (the munge socket, the runs' directories) and the PID namespace.
+remounts /sys, hiding the cgroup mounts slurmd wants even with task/none), and a tmpfs over ``node_local``.
+Node names are ``mdunode01``, ``mdunode02``..., so a job's SLURM_JOB_NODELIST is compressed
+(``mdunode[01-02]``). The namespaces still share the filesystem (the munge socket, the runs' directories)
+and the PID namespace.
 
 Installs Debian's slurm-wlm and munge with apt-get when they are missing (skipping, visibly, only where
 apt-get itself is not available; a multi-node cluster also skips, naming the error, where ``ip netns add``

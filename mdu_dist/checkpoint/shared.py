@@ -26,29 +26,30 @@ def check_shared_dir(directory: str | Path, key: str) -> None:
     import torch.distributed as dist
 
     directory = Path(directory).absolute()
-    sent: list[str | None] = [None]
+    sent: list[tuple[str, str | None]] = [("", None)]  # (marker name, rank 0's error)
     if dist.get_rank() == 0:
-        token = secrets.token_hex(8)
+        name = f"{MARKER}{secrets.token_hex(8)}"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            (directory / f"{MARKER}{token}").write_text(socket.gethostname())
-            sent = [token]
+            (directory / name).write_text(socket.gethostname())
+            sent = [(name, None)]
         except OSError as e:
-            sent = [f"error:{key}={directory}: cannot write there: {e}"]
+            sent = [("", f"{key}={directory}: cannot write there: {e}")]
     dist.broadcast_object_list(sent, src=0)
-    if sent[0].startswith("error:"):
-        raise ConfigError(sent[0].removeprefix("error:"))
-    marker = directory / f"{MARKER}{sent[0]}"
+    name, error = sent[0]
+    if error:
+        raise ConfigError(error)
+    marker = directory / name
     views: list[tuple[str, bool] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(views, (socket.gethostname(), marker.exists()))
     if dist.get_rank() == 0:
         marker.unlink(missing_ok=True)
     blind = [r for r, (_, seen) in enumerate(views) if not seen]
     if blind:
-        hosts = sorted({views[r][0] for r in blind})
+        ranks, hosts = ", ".join(map(str, blind)), ", ".join(sorted({views[r][0] for r in blind}))
         raise ConfigError(f"{key}={directory} is not one directory shared by every node: rank 0 ({views[0][0]}) "
-                          f"wrote a file there that rank(s) {', '.join(map(str, blind))} ({', '.join(hosts)}) do not see; "
-                          f"put the run on a filesystem that every node mounts")
+                          f"wrote a file there that rank(s) {ranks} ({hosts}) do not see; put the run on a "
+                          "filesystem that every node mounts")
 
 
 def agreed_latest_step(root: str | Path) -> int | None:
