@@ -153,7 +153,9 @@ def test_a_run_directory_on_node_local_disk_is_refused_naming_the_nodes(slurm_cl
                 "--tasks-per-node", "2", "--partition", slurm_cluster_2nodes.partition, "--timeout-min", "20",
                 "--wait", *TINY, *STEPS, "parallel.tensor=2", f"train.output_dir={run}",
                 f"launch.folder={tmp_path / 'submitit'}", check=False)
-    assert proc.returncode == 1 and re.search(r"^job \d+ failed", proc.stdout, re.M), proc.stdout + proc.stderr
+    failed = re.search(r"^job (\d+) failed .*; see (\S+)$", proc.stdout, re.M)
+    assert proc.returncode == 1 and failed, proc.stdout + proc.stderr
+    assert failed.group(2) == f"{tmp_path / 'submitit'}/{failed.group(1)}_*_log.err"  # every task's log
     want = (f"train.output_dir={run} is not one directory shared by every node: rank 0 (mdunode01) wrote a file "
             "there that rank(s) 2, 3 (mdunode02) do not see")
     for task in range(4):  # every rank stops with the same line, none hangs in a collective
