@@ -66,7 +66,6 @@ class Trainer:
 
         self.cfg, self.job, self.ps = cfg, job, ps
         self.out = Path(cfg.train.output_dir)
-        check_shared_dir(self.out, "train.output_dir")  # before any rank writes there
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.writer_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                             and self.dp_rank == 0)
@@ -94,6 +93,7 @@ class Trainer:
         if self.reference is not None:
             self.reference.to(distributed.device())
         self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
+        check_shared_dir(self.out, "train.output_dir")  # inputs checked; before the first write there
         self.tokenizer_dir = self._keep_tokenizer(inputs)
         self.step = 0
 
