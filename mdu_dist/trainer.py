@@ -59,6 +59,7 @@ class Trainer:
 
         from mdu_dist import distributed
         from mdu_dist.inputs import prepare, steps_per_epoch
+        from mdu_dist.checkpoint.shared import check_shared_dir
         from mdu_dist.methods import SFT, VocabShard, build_objective
         from mdu_dist.models.mcore import build_stage
         from mdu_dist.optim import build_engine, resolve_dtype
@@ -98,6 +99,7 @@ class Trainer:
         if self.reference is not None:
             self.reference.to(distributed.device())
         self.vocab = VocabShard(ps.get_tensor_model_parallel_group(), self.policy.vocab_start, m.vocab_size)
+        check_shared_dir(self.out, "train.output_dir")  # inputs checked; before the first write there
         self.tokenizer_dir = self._keep_tokenizer(inputs)
         self.step = 0
 
@@ -256,15 +258,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict[str, float]:
-        from mdu_dist.checkpoint.steps import latest_checkpoint
+        from mdu_dist.checkpoint.shared import agreed_latest_step
+        from mdu_dist.checkpoint.steps import step_dir
         from mdu_dist.monitor import Monitor, check_finite
 
         t = self.cfg.train
         start = 0
         if t.resume == "auto":
-            latest = latest_checkpoint(self.checkpoint_root)
+            latest = agreed_latest_step(self.checkpoint_root)
             if latest is not None:
-                start = self.resume(latest)
+                start = self.resume(step_dir(self.checkpoint_root, latest))
         prefix = "unlearn/" if self.job == "unlearn" else ""
         monitor = Monitor(self.out / "tensorboard", self.total_steps, start, enabled=self.writer_rank,
                           desc=f"{self.job} ({self.cfg.method.name})" if self.job == "unlearn" else self.job,

@@ -20,6 +20,7 @@ from test_trainer import TINY, UNLEARN_TAGS, _cli, _scalars
 
 from mdu_dist.cli import main
 from mdu_dist.distributed import process_env
+from mdu_dist.launch.plan import writer_rank
 from mdu_dist.launch.task import TrainTask, master_port, rendezvous
 
 # A TP=8 x PP=2 layout for the tiny model: 8 heads and KV heads, 4 layers; 4 nodes x 8 GPUs = 32 ranks, DP=2.
@@ -88,6 +89,18 @@ def test_per_task_environment_of_a_four_node_job(monkeypatch):
             (rank, rank % 8, 32, "gpu017", "torchrun")
         seen.add((penv.master_addr, penv.master_port))
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize("tp, dp, pp", [(1, 1, 1), (2, 2, 1), (2, 1, 2), (8, 2, 2), (2, 3, 4), (1, 4, 3)])
+def test_the_printed_log_is_the_writer_ranks(tp, dp, pp):
+    """The log ``launch`` names is the one with the progress bar and metrics: the trainer's writer (last pipeline
+    stage, TP rank 0, DP rank 0), found here from megatron-core's own rank groups."""
+    from megatron.core.parallel_state import RankGenerator
+
+    ranks = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    last_stage = {g[-1] for g in ranks.get_ranks("pp")}
+    tp0, dp0 = {g[0] for g in ranks.get_ranks("tp")}, {g[0] for g in ranks.get_ranks("dp")}
+    assert {writer_rank(tp * dp * pp, pp)} == last_stage & tp0 & dp0
 
 
 def test_array_elements_get_their_own_port(monkeypatch):

@@ -33,7 +33,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from mdu_dist.config import ConfigError, to_dict
     from mdu_dist.eval.run import check_inputs
     from mdu_dist.inputs import check_job
-    from mdu_dist.launch.plan import build_executor, log_folder, parse_sweep, plan_for, point_output_dir
+    from mdu_dist.launch.plan import (build_executor, log_folder, parse_sweep, plan_for, point_output_dir,
+                                      writer_rank)
     from mdu_dist.launch.task import TrainTask
 
     base = _overrides(args)
@@ -65,9 +66,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     print(f"submitted {args.job} to {first.launch.executor}: {plan.nodes} node(s) x {plan.tasks_per_node} "
           f"task(s) = {plan.world_size} ranks; submitit folder {log_folder(first)}")
+    writer = writer_rank(plan.world_size, first.parallel.pipeline)
     for job, point, cfg in zip(jobs, points, configs, strict=True):
         label = f" [{' '.join(point)}]" if point else ""
-        print(f"job {job.job_id}{label}: log {job.paths.stdout} (errors {job.paths.stderr}); "
+        log = job.task(writer).paths
+        print(f"job {job.job_id}{label}: log {log.stdout} (errors {log.stderr}); "
               f"output {Path(_output_dir(cfg, args.job)).absolute()}", flush=True)
     if args.job != "eval":
         # A sweep's runs sit side by side under the base output dir; TensorBoard finds each run's events there.
@@ -83,7 +86,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 final = job.results()[0]  # global rank 0's metrics (reduced over the ranks)
             except submitit.core.utils.UncompletedJobError as e:  # FailedJobError is one too
                 failed += 1
-                print(f"job {job.job_id} failed ({str(e).splitlines()[0]}); see {job.paths.stderr}")
+                # Any task may be the one that failed, on any node: name every task's log.
+                print(f"job {job.job_id} failed ({str(e).splitlines()[0]}); see "
+                      f"{job.paths.stderr.with_name(f'{job.job_id}_*_log.err')}")
                 continue
             print(f"job {job.job_id} finished: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
         return 1 if failed else 0

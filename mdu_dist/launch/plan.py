@@ -28,6 +28,13 @@ class Plan:
         return self.nodes * self.tasks_per_node
 
 
+def writer_rank(world_size: int, pipeline: int) -> int:
+    """The task whose log shows the progress bar and final metrics: the trainer's writer, the first rank of the
+    last pipeline stage (megatron's rank order, tp-cp-ep-dp-pp, puts the stages outermost); 0 without PP. With
+    PP across nodes it runs on the last node, not the first."""
+    return world_size - world_size // pipeline
+
+
 def plan_for(cfg) -> Plan:
     """Tasks per node (one per GPU; TP x PP for a CPU job unless set) and a world size TP x PP x DP."""
     from mdu_dist.distributed import resolve_layout
