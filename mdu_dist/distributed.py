@@ -7,6 +7,7 @@ never spans nodes when TP <= GPUs per node.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -49,13 +50,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_master(env: dict) -> str:
-    from submitit.slurm.slurm import _parse_node_list
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list, as ``scontrol show hostnames`` would list it first:
+    ``node[01-04,07],gpu3`` -> ``node01``; ``rack[2-3]-n[1-2]`` -> ``rack2-n1``; ``a,b`` -> ``a``."""
+    head, depth = [], 0
+    for i, ch in enumerate(nodelist):
+        if ch == "," and depth == 0:
+            break
+        if ch == "[":
+            depth += 1
+            head.append(re.split(r"[,\-\]]", nodelist[i + 1:], maxsplit=1)[0])  # the range's first value
+        elif ch == "]":
+            depth -= 1
+        elif depth == 0:
+            head.append(ch)
+    if depth or not head:
+        raise ValueError(f"SLURM_JOB_NODELIST={nodelist!r} is not a Slurm host list")
+    return "".join(head)
 
+
+def _slurm_master(env: dict) -> str:
     nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodes:
         raise RuntimeError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: cannot find the master node")
-    return _parse_node_list(nodes)[0]
+    return first_host(nodes)
 
 
 def process_env(env: dict | None = None) -> ProcessEnv:

@@ -85,3 +85,14 @@ def test_te_attention_without_transformer_engine_is_a_clear_error():
         pytest.skip("Transformer Engine is installed here")
     with pytest.raises(RuntimeError, match="model.attention=te needs Transformer Engine"):
         core_attention("te")
+
+
+def test_first_host_of_slurm_host_lists():
+    """The master is the first host ``scontrol show hostnames`` lists (values typed from Slurm's hostlist format)."""
+    from mdu_dist.distributed import first_host
+
+    cases = {"node[01-04,07],gpu3": "node01", "rack[2-3]-n[1-2]": "rack2-n1", "a,b": "a", "gpu017": "gpu017",
+             "mdunode[01-02]": "mdunode01", "n[9-10]": "n9", "x[003,001]y": "x003y"}
+    assert {text: first_host(text) for text in cases} == cases
+    with pytest.raises(ValueError, match="not a Slurm host list"):
+        first_host("node[01-02")

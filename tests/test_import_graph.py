@@ -199,3 +199,14 @@ def test_the_checker_passes_a_diamond(tmp_path):
                                          ("mdu_dist.launch.task", "launch")])
 def test_layer_lookup_prefers_the_exact_name_then_the_longest_pattern(name, layer):
     assert LAYERS[layer_of(name)][0] == layer
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What two modules share is public in the module that owns it (docs/design.md, Imports)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                found += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.module}.{n}" for n in private]
+    assert not found, "private names imported from other modules:\n" + "\n".join(found)
