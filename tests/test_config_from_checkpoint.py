@@ -157,3 +157,18 @@ def test_unlearn_with_no_config_file(tmp_path):
     manifest = json.loads((out / "checkpoints" / "step-1" / "model" / "mdu_checkpoint.json").read_text())
     assert manifest["arch"] == arch and manifest["model"]["num_layers"] == want["num_layers"]
     assert manifest["model"]["hidden_size"] == want["hidden_size"]
+
+
+def test_moe_shape_comes_from_the_checkpoint(tmp_path):
+    """An exported tiny LLaDA2 (router, experts, partial RoPE, q/k norm): every model key of its config, none set."""
+    from mdu_dist.config import load_config
+
+    want = load_config("configs/llada2_tiny.yaml").model
+    save_hf_checkpoint(tmp_path / "llada2", want, to_hf(want, init_weights(want, seed=2)))
+    got = load_job_config(None, [f"train.init={tmp_path / 'llada2'}"], "unlearn").model
+    keys = ("arch", "num_layers", "hidden_size", "num_query_groups", "rotary_percent", "qk_norm", "moe_num_experts",
+            "moe_topk", "moe_ffn_hidden_size", "moe_shared_ffn_hidden_size", "moe_dense_layers", "moe_score",
+            "moe_num_groups", "moe_group_topk", "moe_topk_scaling", "moe_expert_bias", "mask_token_id")
+    assert {k: getattr(got, k) for k in keys} == {k: getattr(want, k) for k in keys}
+    with pytest.raises(ConfigError, match="the checkpoint has moe_num_experts=16 but model.moe_num_experts=8"):
+        load_job_config(None, [f"train.init={tmp_path / 'llada2'}", "model.moe_num_experts=8"], "unlearn")
