@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import platform
+import re
 import sys
 import warnings
 
@@ -66,11 +67,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         state = shard(m, weights, tp, 0, pp, pp_rank)
         per_rank = sum(t.numel() for t in state.values())
         print(f"pipeline stage {pp_rank}: {per_rank:,} parameters per TP rank; shapes on each of its {tp} TP ranks:")
+        shown = _layers_shown(m, pp, pp_rank)
         for name, t in state.items():
-            if ".layers." in name and not name.startswith("decoder.layers.0."):
-                continue  # every layer of a stage has the shapes of its first
-            print(f"  {name:<52} {tuple(t.shape)}")
+            layer = re.match(r"decoder\.layers\.(\d+)\.", name)
+            if layer and int(layer.group(1)) not in shown or re.search(r"local_experts\.[1-9]", name):
+                continue  # the other layers (and experts) of a stage have the shapes of the ones shown
+            print(f"  {name:<60} {tuple(t.shape)}")
     return 0
+
+
+def _layers_shown(m, pp: int, pp_rank: int) -> set[int]:
+    """Stage-local indices of the first layer of each kind (dense, MoE) in stage ``pp_rank``."""
+    from mdu_dist.models.arch import is_moe_layer
+    from mdu_dist.models.mcore_layout import layer_range
+
+    first: dict[bool, int] = {}
+    for j, i in enumerate(layer_range(m.num_layers, pp, pp_rank)):
+        first.setdefault(is_moe_layer(m, i), j)
+    return set(first.values())
 
 
 def cmd_train(args: argparse.Namespace) -> int:

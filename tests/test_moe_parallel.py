@@ -8,7 +8,8 @@ tests/test_moe_reference.py), in gloo processes:
   (GA, GradDiff, NPO, SimNPO, WGA, DPO too) at PP=2 against its objective on the dense reference's logits;
 - DeepSpeed ZeRO-1 over DP=2, and PP=2 x DP=2 (slow): three AdamW steps with clipping give the parameters and
   gradient norms of torch's AdamW on the dense model (tests/test_optim.py's check), so the experts' gradients are
-  averaged over DP like every other; the expert-bias buffer is the same, unchanged, after the steps.
+  averaged over DP like every other; the expert-bias buffer is the same, unchanged, after the steps, and stays
+  fp32 in a bf16 engine.
 - TP > 1 and expert parallelism are refused before any process starts, naming what to use instead.
 
 The expert bias is random and non-zero (``init_weights``), so expert choice depends on it everywhere.
@@ -271,6 +272,43 @@ def test_zero1_data_parallel_matches_adamw_on_dense(pp, world):
     results = run_distributed(_zero_run, world, pp)
     assert all(r[a]["dp"] == world // pp for r in results for a in CONFIGS)
     t._check([{a: {k: v for k, v in r[a].items() if k != "dp"} for a in r} for r in results])
+
+
+def _bf16_run() -> dict:
+    """A bf16 LLaDA2 stage in a bf16 DeepSpeed engine after two ZeRO-1 steps: parameters bf16, the expert bias
+    still the fp32 values it was given (DeepSpeed casts parameters only, megatron keeps the buffer fp32)."""
+    import test_optim as t
+    from megatron.core import parallel_state as ps
+
+    from mdu_dist import distributed
+    from mdu_dist.models.dense import init_weights
+    from mdu_dist.models.mcore import build_stage
+    from mdu_dist.models.mcore_layout import load_shard, shard
+    from mdu_dist.optim import build_engine
+
+    c = _cfg("llada2")
+    distributed.init(c.parallel)
+    try:
+        weights = init_weights(c.model, seed=3)  # fp32, as the trainer loads them into a stage of any dtype
+        cfg = t._optim(zero_stage=1, dtype="bf16")
+        stage = build_stage(c.model, torch.bfloat16)
+        want = shard(c.model, weights, 1, 0, 1, ps.get_pipeline_model_parallel_rank())
+        load_shard(stage.module, want)
+        engine = build_engine(stage, cfg)
+        for batch in t._batches(c.model.vocab_size, t.GAS * cfg.micro_batch_size)[:2]:
+            t._step(engine, batch)
+        buffers = {k: v for k, v in engine.module.module.named_buffers() if k.endswith("expert_bias")}
+        return {"bias_fp32_unchanged": bool(buffers) and all(b.dtype == torch.float32 and torch.equal(b, want[k])
+                                                              for k, b in buffers.items()),
+                "expert_weights_bf16": all(p.dtype == torch.bfloat16 for n, p in engine.module.module.named_parameters()
+                                           if ".experts." in n)}
+    finally:
+        distributed.shutdown()
+
+
+def test_bf16_engine_keeps_the_expert_bias_fp32_and_frozen():
+    (result,) = run_distributed(_bf16_run, 1)
+    assert result == {"bias_fp32_unchanged": True, "expert_weights_bf16": True}
 
 
 @pytest.mark.parametrize("override,needle", [

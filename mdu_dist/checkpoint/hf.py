@@ -2,7 +2,9 @@
 
 The tensors are the backbone's HF names (``mdu_dist.models.dense.to_hf``); config.json is written the way the
 backbone's own HF code writes it (LLaDA: OLMo-style keys, model_type "llada"; Dream: Qwen2 keys, model_type
-"Dream") so the output loads with the original ``trust_remote_code`` models. No pickle is involved anywhere.
+"Dream"; LLaDA2: LLaDA2MoeConfig's keys, model_type "llada2_moe"; LLaDA-MoE: LLaDAMoEConfig's, architectures
+"LLaDAMoEModelLM") so the output loads with the original ``trust_remote_code`` models. Every tensor is written in
+one dtype except the MoE router's expert bias, kept fp32 (``models.dense.stored_dtype``). No pickle is involved.
 """
 
 from __future__ import annotations
@@ -131,12 +133,10 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float
                               f"({cfg.arch} has {name}={want!r})")
     hf = {"architectures": _ARCHITECTURES[cfg.arch], **_FIXED[cfg.arch]}
     hf.update({key: getattr(cfg, name) for name, key in _HF_KEYS[cfg.arch].items()})
-    hf["head_dim"] = cfg.head_dim
+    if cfg.is_moe:
+        hf["head_dim"] = cfg.head_dim
     if cfg.arch == "llada":
         hf["vocab_size"] = cfg.vocab_size
-        del hf["head_dim"]
-    elif cfg.arch == "dream":
-        del hf["head_dim"]
     elif cfg.arch == "llada2":
         if cfg.moe_shared_ffn_hidden_size % cfg.moe_ffn_hidden_size:
             raise ConfigError(f"model.moe_shared_ffn_hidden_size={cfg.moe_shared_ffn_hidden_size} is not a multiple "

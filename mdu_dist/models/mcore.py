@@ -118,7 +118,8 @@ def layer_spec(attention: str = "sdpa", config=None):
     from mdu_dist.models.attention import core_attention
 
     if config is None or not config.num_moe_experts:
-        specs = [spec := get_gpt_layer_local_spec(normalization="RMSNorm")]
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        specs = [spec]
     else:
         _define_te_general_gemm()
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
