@@ -203,6 +203,10 @@ def test_eval_accepts_a_lora_checkpoint_like_its_merged_export(tmp_path):
     proc = _cli(*train, "train.max_steps=3", "train.seed=4", "train.resume=auto", f"train.output_dir={run}",
                 check=False)
     assert proc.returncode != 0 and "the adapters were trained on base" in proc.stderr, proc.stderr[-2000:]
+    # ... and with another alpha (it would silently rescale them).
+    proc = _cli(*train, "train.max_steps=3", "lora.alpha=4", "train.resume=auto", f"train.output_dir={run}",
+                check=False)
+    assert proc.returncode != 0 and "the adapters have lora.alpha=8.0, the run lora.alpha=4.0" in proc.stderr
 
 
 def test_inspect_reads_a_lora_checkpoint_and_names_a_missing_base(exported, tmp_path, capsys):

@@ -126,9 +126,14 @@ def read_adapters(info: LoRAInfo) -> dict[str, Tensor]:
     return out
 
 
-def check_base(info: LoRAInfo, init: str, seed: int, cfg: ModelConfig) -> None:
-    """Refuse to resume adapters onto another base: another path (or random seed), architecture or shape."""
+def check_base(info: LoRAInfo, init: str, seed: int, cfg: ModelConfig, lora: LoRAConfig) -> None:
+    """Refuse to resume adapters onto another base (another path or random seed, architecture or shape) or with
+    other adapters (rank, alpha, targets)."""
     where = info.path / LORA_MANIFEST
+    for key in ("rank", "alpha", "targets"):
+        if getattr(info.lora, key) != getattr(lora, key):
+            raise CheckpointError(f"{where}: the adapters have lora.{key}={getattr(info.lora, key)}, the run "
+                                  f"lora.{key}={getattr(lora, key)}")
     want = base_of(init, seed)
     if info.base != want:
         raise CheckpointError(f"{where}: the adapters were trained on base {info.base}, not on this run's {want} "
