@@ -247,7 +247,7 @@ class Trainer:
             raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
         if self.cfg.lora.enabled:
             info = read_lora_info(path / ADAPTER_DIR)
-            check_base(info, self.cfg.train.init, self.cfg.train.seed, self.cfg.model)
+            check_base(info, self.cfg.train.init, self.cfg.train.seed, self.cfg.model, self.cfg.lora)
             load_adapters_into(self.policy, info)
         else:
             load_model_checkpoint(self.policy, path / "model")

@@ -203,3 +203,26 @@ def test_eval_accepts_a_lora_checkpoint_like_its_merged_export(tmp_path):
     proc = _cli(*train, "train.max_steps=3", "train.seed=4", "train.resume=auto", f"train.output_dir={run}",
                 check=False)
     assert proc.returncode != 0 and "the adapters were trained on base" in proc.stderr, proc.stderr[-2000:]
+    # ... and with another alpha (it would silently rescale them).
+    proc = _cli(*train, "train.max_steps=3", "lora.alpha=4", "train.resume=auto", f"train.output_dir={run}",
+                check=False)
+    assert proc.returncode != 0 and "the adapters have lora.alpha=8.0, the run lora.alpha=4.0" in proc.stderr
+
+
+def test_inspect_reads_a_lora_checkpoint_and_names_a_missing_base(exported, tmp_path, capsys):
+    import shutil
+
+    from mdu_dist.cli import main
+
+    arch, tmp, _, _ = exported
+    assert main(["inspect", str(tmp / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "mdu-dist LoRA checkpoint" in out and f"random initialisation, seed {BASE_SEED}" in out
+    assert "rank 4, alpha 8" in out and "integrity: every adapter tensor read, the base checked: OK" in out
+    moved = tmp_path / "adapter"
+    shutil.copytree(tmp / "adapter", moved)
+    manifest = json.loads((moved / "lora.json").read_text())
+    manifest["base"] = {"init": str(tmp_path / "no-such-base")}
+    (moved / "lora.json").write_text(json.dumps(manifest))
+    assert main(["inspect", str(moved)]) == 1
+    assert "no-such-base" in capsys.readouterr().err

@@ -5,7 +5,9 @@
   same run, and no copy is built for adapters-off;
 - ``train.recompute=full`` trains every adapter (each B non-zero after one step) at PP=1 and PP=2: megatron's
   reentrant checkpoint back-propagates only if an input requires grad, which a frozen embedding's output does not;
-- the optimizer (ZeRO-1 and ZeRO-2) holds the adapters and nothing else.
+- the optimizer (ZeRO-1 and ZeRO-2) holds the adapters and nothing else;
+- bf16 (the GPU default: a bf16 frozen base, bf16 adapters with DeepSpeed's fp32 masters) trains every adapter
+  at PP=1 and PP=2, with losses within bf16's precision of fp32.
 """
 
 from __future__ import annotations
@@ -75,10 +77,10 @@ RUNS = {"adapters-off": [], "copy": ["lora.reference=copy"], "recompute-full": [
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("lora")
-    tp1_runs = {**RUNS, "zero2": ["optim.zero_stage=2"]}
+    tp1_runs = {**RUNS, "zero2": ["optim.zero_stage=2"], "bf16": ["optim.dtype=bf16"]}
     return {"tp1": run_distributed(_lora_steps, 1, str(tmp / "tp1"), 1, 1, tp1_runs),
             "tp2": run_distributed(_lora_steps, 2, str(tmp / "tp2"), 2, 1, RUNS),
-            "pp2": run_distributed(_lora_steps, 2, str(tmp / "pp2"), 1, 2, RUNS)}
+            "pp2": run_distributed(_lora_steps, 2, str(tmp / "pp2"), 1, 2, {**RUNS, "bf16": ["optim.dtype=bf16"]})}
 
 
 def _adapters(ranks: list[dict], run: str, when: str) -> dict[str, torch.Tensor]:
@@ -133,3 +135,12 @@ def test_optimizer_holds_only_the_adapters(layouts):
         for rank, r in enumerate(ranks):
             for run, got in r.items():
                 assert got["optimizer_holds_only_adapters"], f"{layout} rank {rank} {run}"
+
+
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_bf16_lora_trains_every_adapter_close_to_fp32(layouts, layout):
+    fp32, bf16 = layouts[layout][0]["adapters-off"], layouts[layout][0]["bf16"]
+    for a, b in zip(fp32["losses"], bf16["losses"], strict=True):
+        assert max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) <= 2e-2, (a, b)
+    b_factors = {k: v for k, v in _adapters(layouts[layout], "bf16", "final").items() if k.endswith("lora_B")}
+    assert len(b_factors) == 2 * 7 and all(v.abs().max() > 0 for v in b_factors.values())

@@ -102,8 +102,11 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mdu_dist.checkpoint.convert import inspect_checkpoint
+    from mdu_dist.checkpoint.lora import adapter_dir, inspect_lora, is_lora_checkpoint
 
-    lines, problems = inspect_checkpoint(args.ckpt, verify=not args.quick, progress=not args.no_progress)
+    lora = adapter_dir(args.ckpt)
+    lines, problems = (inspect_lora(lora) if is_lora_checkpoint(lora) else
+                       inspect_checkpoint(args.ckpt, verify=not args.quick, progress=not args.no_progress))
     print("\n".join(lines))
     for problem in problems:
         print(f"CORRUPT: {problem}", file=sys.stderr)
@@ -176,7 +179,7 @@ def register(subparsers) -> None:
     rs.set_defaults(func=lambda a: _run(cmd_reshard, a))
 
     ins = subparsers.add_parser("inspect", help="architecture, layout, parameters, dtype, step; verify every file")
-    ins.add_argument("ckpt", help="dist checkpoint (or HF-layout) directory")
+    ins.add_argument("ckpt", help="dist checkpoint, LoRA checkpoint (step-N or its adapter/) or HF-layout directory")
     ins.add_argument("--quick", action="store_true", help="check sizes only, not sha256")
     _common(ins, overwrite=False)
     ins.set_defaults(func=lambda a: _run(cmd_inspect, a))

@@ -126,9 +126,14 @@ def read_adapters(info: LoRAInfo) -> dict[str, Tensor]:
     return out
 
 
-def check_base(info: LoRAInfo, init: str, seed: int, cfg: ModelConfig) -> None:
-    """Refuse to resume adapters onto another base: another path (or random seed), architecture or shape."""
+def check_base(info: LoRAInfo, init: str, seed: int, cfg: ModelConfig, lora: LoRAConfig) -> None:
+    """Refuse to resume adapters onto another base (another path or random seed, architecture or shape) or with
+    other adapters (rank, alpha, targets)."""
     where = info.path / LORA_MANIFEST
+    for key in ("rank", "alpha", "targets"):
+        if getattr(info.lora, key) != getattr(lora, key):
+            raise CheckpointError(f"{where}: the adapters have lora.{key}={getattr(info.lora, key)}, the run "
+                                  f"lora.{key}={getattr(lora, key)}")
     want = base_of(init, seed)
     if info.base != want:
         raise CheckpointError(f"{where}: the adapters were trained on base {info.base}, not on this run's {want} "
@@ -256,3 +261,38 @@ def export_merged(src: str | Path, out: str | Path, *, dtype: torch.dtype | None
     stream = ((arch.hf_name(name), t.to(dtype)) for name, t in merged_tensors(info, adapters))
     return write_hf_checkpoint(out, info.cfg, stream, dtype, max_shard_bytes=max_shard_bytes, base_config=base_config,
                                extra_files=list(files.values()), overwrite=overwrite)
+
+
+def inspect_lora(path: Path) -> tuple[list[str], list[str]]:
+    """(report lines, problems) of a LoRA checkpoint: its manifest, every adapter tensor, and its base."""
+    from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, read_info
+    from mdu_dist.checkpoint.hf import open_hf_checkpoint
+    from mdu_dist.models.lora import adapter_parameters
+
+    info = read_lora_info(path)
+    m, lora, problems = info.cfg, info.lora, []
+    try:
+        read_adapters(info)
+    except CheckpointError as e:
+        problems.append(str(e))
+    base = info.base["init"] or f"random initialisation, seed {info.base.get('seed')}"
+    init = info.base["init"]
+    try:
+        if init and (Path(init) / MANIFEST).is_file():
+            check_model_matches(read_info(init), m)
+            base += " (an mdu-dist checkpoint of this shape)"
+        elif init:
+            with open_hf_checkpoint(init, m, m.arch):
+                base += " (an HF checkpoint of this shape)"
+    except (CheckpointError, ConfigError) as e:
+        problems.append(f"{path / LORA_MANIFEST}: base: {e}")
+    lines = [f"{path}: mdu-dist LoRA checkpoint (adapters only; base named below)",
+             f"architecture: {m.arch}, {m.num_layers} layers x {m.hidden_size}, {m.num_attention_heads} heads / "
+             f"{m.num_query_groups} KV heads, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}",
+             f"lora: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets "
+             f"{', '.join(lora.targets)}; {adapter_parameters(m, lora, 1, m.num_layers):,} adapter parameters",
+             f"base: {base}",
+             f"step: {info.step if info.step is not None else '-'}",
+             "integrity: every adapter tensor read, the base checked: "
+             + ("OK" if not problems else f"{len(problems)} problem(s)")]
+    return lines, problems

@@ -1,5 +1,6 @@
 """The checkpoints of a finetune / unlearn run: ``{train.output_dir}/checkpoints/step-N/`` holds ``model/`` (a
-dist checkpoint), ``deepspeed/`` (optimizer and schedule state) and ``trainer_state.json``, which is written
+dist checkpoint; a LoRA run has ``adapter/`` instead, ``checkpoint.lora``), ``deepspeed/`` (optimizer and schedule
+state) and ``trainer_state.json``, which is written
 last; a step being written is ``.step-N.partial`` until the trainer renames it. The trainer writes this layout,
 resume, evaluation and the demo read it.
 """
