@@ -41,8 +41,8 @@ from torch import Tensor
 
 from mdu_dist.config import ModelConfig
 from mdu_dist.models import ARCHS
-from mdu_dist.models.masks import attention_mask
 from mdu_dist.models.arch import is_moe_layer
+from mdu_dist.models.masks import attention_mask
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
