@@ -55,6 +55,9 @@ class ModelConfig:
     # local (megatron-core's unfused DotProductAttention, which keeps the [b, heads, s, s] probabilities) |
     # te (Transformer Engine's fused attention; only where transformer_engine imports).
     attention: str = "sdpa"
+    # Attention by blocks of this many positions (LLaDA2's block diffusion; models.masks): position i attends j iff
+    # j // block_size <= i // block_size. 0: full bidirectional attention.
+    block_size: int = 0
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (llada2, llada_moe)
     rotary_percent: float = 1.0  # RoPE rotates the first this fraction of each head's dimensions (llada2: 0.5)
     # Mixture of experts (llada2, llada_moe; docs/moe.md). moe_num_experts = 0: every layer has a dense SwiGLU.
@@ -99,6 +102,11 @@ class ModelConfig:
                               f"num_query_groups={self.num_query_groups}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"{where}.attention={self.attention!r} must be one of {', '.join(ATTENTIONS)}")
+        if self.block_size < 0:
+            raise ConfigError(f"{where}.block_size={self.block_size} must be >= 0 (0: full bidirectional attention)")
+        if self.block_size and self.attention == "te":
+            raise ConfigError(f"{where}.block_size={self.block_size} needs an attention mask, which "
+                              f"model.attention=te does not take here; use model.attention=sdpa or local")
         if self.head_dim % 2:
             raise ConfigError(f"{where}: head dim {self.head_dim} must be even for RoPE")
         for name in ("mask_token_id", "eos_token_id", "pad_token_id"):

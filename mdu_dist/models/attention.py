@@ -7,15 +7,17 @@ the kernel: flash / memory-efficient on CUDA, the fused CPU kernel or the math p
 parameters, so checkpoints and the HF key maps are those of the local spec.
 
     out = softmax(q k^T * scale + M) v,   scale = 1 / sqrt(head_dim),
-    M[b, i, j] = -inf where key j of row b is padding, else 0   (no causal mask: masked diffusion attends both ways)
+    M[b, i, j] = -inf where query i of row b may not attend key j, else 0
 
 with each KV head shared by heads / groups query heads (GQA: SDPA's ``enable_gqa``, no expanded copies of k
 and v) and no dropout. Gradients are SDPA's own (zero through the masked keys).
 
-The mask is megatron's convention, a bool ``attention_mask`` of shape [b, 1, 1, s] that is True at the keys to
-drop (``models.mcore.DiffusionLM`` builds it from its ``pad`` argument); None means every key is attended. A
-row must keep at least one key, or its softmax is 0/0. megatron's local ``DotProductAttention`` reads the same
-mask (its unfused softmax fills -10000 instead of -inf: exp underflows to exactly 0 all the same).
+The mask is megatron's convention (``models.masks``): a bool ``attention_mask`` of shape [b or 1, 1, s or 1, s]
+that is True where attention is NOT allowed (padded keys, later blocks of a block-causal mask); None means
+every query attends every key (no causal mask: masked diffusion attends both ways). ``DiffusionLM`` builds it
+(``models.masks.attention_mask``). A query must keep at least one key, or its softmax is 0/0. megatron's local
+``DotProductAttention`` reads the same mask (its unfused softmax fills -10000 instead of -inf: exp underflows
+to exactly 0 all the same).
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ class SDPAttention(MegatronModule):
         s, b = query.shape[:2]
         keep = None
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool or attention_mask.shape != (b, 1, 1, key.shape[0]):
-                raise ValueError(f"SDPAttention's attention_mask is a bool [b, 1, 1, s] = [{b}, 1, 1, {key.shape[0]}] "
-                                 f"padding mask (True = drop the key); got {attention_mask.dtype} "
-                                 f"{tuple(attention_mask.shape)}")
-            keep = ~attention_mask  # SDPA's bool mask is True where attention is allowed
+            m = attention_mask
+            if (m.dtype != torch.bool or m.dim() != 4 or m.shape[0] not in (1, b) or m.shape[1] != 1
+                    or m.shape[2] not in (1, s) or m.shape[3] != key.shape[0]):
+                raise ValueError(f"SDPAttention's attention_mask is a bool [b or 1, 1, s or 1, s] = [{b} or 1, 1, "
+                                 f"{s} or 1, {key.shape[0]}] mask (True = masked out); got {m.dtype} "
+                                 f"{tuple(m.shape)}")
+            keep = ~m  # the one inversion of the mask convention: SDPA's bool mask is True where attention is allowed
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # SDPA's [b, n, s, d], as strided views
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.0, is_causal=False,
                                              scale=self.scale, enable_gqa=self.gqa)

@@ -1,16 +1,19 @@
 """The dense single-process reference model: the oracle every distributed implementation is tested against.
 
 Plain PyTorch over a dict of canonical tensors (see ``mdu_dist.models.arch``), the maths of the HF
-Llama/Qwen2 code with BIDIRECTIONAL attention (LLaDA and Dream are masked-diffusion models: no causal mask).
+Llama/Qwen2 code with BIDIRECTIONAL attention (LLaDA and Dream are masked-diffusion models: no causal mask)
+unless a mask is given.
 For ``x = embed[input_ids]`` and every layer ``l``::
 
     h      = rmsnorm(x, attn_norm)                    rmsnorm(x, w) = w * x * rsqrt(mean(x^2) + eps)
     q,k,v  = h q^T (+q_bias), h k^T (+k_bias), h v^T (+v_bias)        split into heads of size hd
     q,k    = rope(q), rope(k)                          rotate-half, inv_freq = theta^(-arange(0, hd, 2) / hd)
-    x      = x + o(softmax(q k^T / sqrt(hd)) v)       k,v repeated heads/groups times (GQA), no mask
+    x      = x + o(softmax(q k^T / sqrt(hd) + M) v)   k,v repeated heads/groups times (GQA)
     x      = x + down(silu(gate h') * up h')          h' = rmsnorm(x, mlp_norm)
 
-then ``logits = rmsnorm(x, final_norm) lm_head^T``. Dream predicts token i from position i-1, so its logits
+with M = -inf where the bool ``mask`` (``models.masks``' convention, [b or 1, 1, s, s], True = masked out) is True,
+else 0; by default ``model.block_size``'s block-causal mask (none at 0). Then
+``logits = rmsnorm(x, final_norm) lm_head^T``. Dream predicts token i from position i-1, so its logits
 are shifted right by one: ``cat([logits[:, :1], logits[:, :-1]], dim=1)``.
 
 The mixture-of-experts backbones (``model.moe_num_experts > 0``: LLaDA2, LLaDA-MoE) add, per head, an RMSNorm of
@@ -39,6 +42,7 @@ from torch import Tensor
 from mdu_dist.config import ModelConfig
 from mdu_dist.models import ARCHS
 from mdu_dist.models.arch import is_moe_layer
+from mdu_dist.models.masks import attention_mask
 
 
 def canonical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -202,7 +206,8 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([rotated, x[..., r:]], dim=-1) if r < x.shape[-1] else rotated
 
 
-def _attention(cfg: ModelConfig, w: Mapping[str, Tensor], p: str, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _attention(cfg: ModelConfig, w: Mapping[str, Tensor], p: str, x: Tensor, cos: Tensor, sin: Tensor,
+               mask: Tensor | None) -> Tensor:
     b, s, _ = x.shape
     hd = cfg.head_dim
 
@@ -219,6 +224,8 @@ def _attention(cfg: ModelConfig, w: Mapping[str, Tensor], p: str, x: Tensor, cos
     rep = cfg.num_attention_heads // cfg.num_query_groups
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
     probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     out = (probs @ v).transpose(1, 2).reshape(b, s, cfg.num_attention_heads * hd)
     return F.linear(out, w[p + "o"])
@@ -261,14 +268,18 @@ def _routed_mlp(cfg: ModelConfig, w: Mapping[str, Tensor], p: str, x: Tensor) ->
     return out.view_as(x)
 
 
-def dense_forward(cfg: ModelConfig, weights: Mapping[str, Tensor], input_ids: Tensor) -> Tensor:
-    """Logits [B, S, vocab_size] of ``input_ids`` [B, S] (shifted for Dream), differentiable in ``weights``."""
+def dense_forward(cfg: ModelConfig, weights: Mapping[str, Tensor], input_ids: Tensor, mask: Tensor | None = None
+                  ) -> Tensor:
+    """Logits [B, S, vocab_size] of ``input_ids`` [B, S] (shifted for Dream), differentiable in ``weights``;
+    attention as ``mask`` allows (bool [B or 1, 1, S, S], True = masked out), by default as ``cfg.block_size``."""
+    if mask is None:
+        mask = attention_mask(input_ids.shape[1], cfg.block_size, device=input_ids.device)
     x = F.embedding(input_ids, weights["embed"])
     rotary = int(cfg.head_dim * cfg.rotary_percent)
     cos, sin = rope_cos_sin(input_ids.shape[1], rotary, cfg.rope_theta, x.dtype, x.device)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        x = x + _attention(cfg, weights, p, rms_norm(x, weights[p + "attn_norm"], cfg.norm_eps), cos, sin)
+        x = x + _attention(cfg, weights, p, rms_norm(x, weights[p + "attn_norm"], cfg.norm_eps), cos, sin, mask)
         h = rms_norm(x, weights[p + "mlp_norm"], cfg.norm_eps)
         x = x + (_routed_mlp(cfg, weights, p, h) if is_moe_layer(cfg, i) else _mlp(weights, p, h))
     logits = F.linear(rms_norm(x, weights["final_norm"], cfg.norm_eps), weights["lm_head"])

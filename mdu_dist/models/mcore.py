@@ -1,6 +1,6 @@
 """LLaDA and Dream as megatron-core GPTModels: the local (no Transformer Engine, no apex) layer spec with
-bidirectional attention (core attention chosen by ``model.attention``, ``models.attention``), RMSNorm, SwiGLU,
-RoPE and an untied head. The mixture-of-experts backbones (LLaDA2, LLaDA-MoE) use megatron-core's MoE layers
+bidirectional attention (core attention chosen by ``model.attention``, ``models.attention``; block-causal by
+``model.block_size`` or any mask given, ``models.masks``), RMSNorm, SwiGLU, RoPE and an untied head. The mixture-of-experts backbones (LLaDA2, LLaDA-MoE) use megatron-core's MoE layers
 (``moe_config``) in the same spec, with per-head q/k RMSNorm and partial RoPE.
 
 A ``DiffusionLM`` is one pipeline stage. The last stage returns this rank's slice of the padded vocabulary
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mdu_dist.config import LoRAConfig, ModelConfig
-from mdu_dist.models import ARCHS
+from mdu_dist.models import ARCHS, masks
 
 
 # train.recompute -> megatron-core's activation recomputation. selective: the core attention is recomputed in
@@ -192,27 +192,26 @@ class DiffusionLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
+                pad: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V_local] on the last stage, or, given ``positions`` (bool [B, S]), only the logits at
         those positions, [N, V_local] in row-major order: the output layer (the largest matmul of a step at
         LLaDA's vocabulary) then runs on the N positions a loss reads, not on the whole sequence.
 
         ``pad`` (bool [B, S], True at padding; left or right) drops the padded keys from every attention and
         numbers each row's positions from 0 at its first real token, so a padded row's real positions get the
-        logits of the unpadded row. Every stage must get the same ``pad``.
+        logits of the unpadded row. Attention is ``model.block_size``'s (full, or block-causal by position), or
+        ``mask``'s where given (bool [B or 1, 1, S, S], True = masked out), padding folded in either way
+        (``models.masks.attention_mask``). Every stage must get the same ``pad`` and ``mask``.
         """
         b, s = input_ids.shape
-        if pad is None:
-            # No position ids: with RoPE, GPTModel numbers every row 0..S-1 itself, and the per-row rotary gather
-            # below is only paid by padded (evaluation) batches, not by training steps.
-            position_ids, attention_mask = None, None
-        else:
-            if self.cfg.attention == "te":
-                raise ValueError("model.attention=te takes no padding mask here; use model.attention=sdpa or local")
-            if pad.shape != (b, s) or pad.dtype != torch.bool:
-                raise ValueError(f"pad must be a bool [B, S] = [{b}, {s}] mask; got {pad.dtype} {tuple(pad.shape)}")
-            position_ids = ((~pad).cumsum(dim=1) - 1).clamp(min=0)
-            attention_mask = pad[:, None, None, :]  # megatron's convention: True = this key is dropped
+        if pad is not None and (pad.shape != (b, s) or pad.dtype != torch.bool):
+            raise ValueError(f"pad must be a bool [B, S] = [{b}, {s}] mask; got {pad.dtype} {tuple(pad.shape)}")
+        # No position ids without padding: with RoPE, GPTModel numbers every row 0..S-1 itself, and the per-row
+        # rotary gather below is only paid by padded (evaluation) batches, not by training steps.
+        position_ids = None if pad is None else masks.row_positions(pad)
+        attention_mask = masks.attention_mask(s, self.cfg.block_size, pad, mask, input_ids.device)
+        if attention_mask is not None and self.cfg.attention == "te":
+            raise ValueError("model.attention=te takes no attention mask here; use model.attention=sdpa or local")
         if not self.post_process:
             return self.module(input_ids, position_ids, attention_mask=attention_mask)
         source = self._predicting_column(pad, b, s, input_ids.device)
