@@ -161,6 +161,7 @@ def test_two_node_eval_equals_one_process(slurm_cluster_2nodes, tp2_dp2, tmp_pat
          f"eval.output_dir={single}")
     _launch(slurm_cluster_2nodes, "--job", "eval", *TINY, *FAST_EVAL, f"eval.checkpoint={checkpoint}",
             f"eval.output_dir={multi}")
+    assert len(list((multi / "submitit").glob("*_log.out"))) == 4  # its logs beside its output
     want, got = (json.loads((d / "eval.json").read_text()) for d in (single, multi))
     assert got["layout"] == {"tensor": 1, "data": 4}
     assert got["items"] == want["items"] and got["metrics"] == want["metrics"]
