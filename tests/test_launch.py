@@ -227,16 +227,20 @@ def test_an_eval_sweep_over_run_dirs_is_one_job_array_writing_each_run_eval(fake
          f"train.output_dir={run_a}")
     shutil.copytree(run_a, run_b)
     step = run_a / "checkpoints" / "step-1" / "model"
+    # No launch.folder: an eval job's submitit folder sits beside its output (eval.output_dir, the sweep's base),
+    # not in train.output_dir, which it never writes.
+    folder = tmp_path / "evals" / "submitit"
     code, out, err = _launch(capsys, "--job", "eval", "--executor", "slurm", "--tasks-per-node", "2", "--sweep",
                              f"eval.checkpoint={run_a},{run_b},{step}", *TINY, "eval.seed=7",
-                             f"launch.folder={tmp_path / 'submitit'}")
+                             f"eval.output_dir={folder.parent}")
     assert code == 0, err
+    assert f"submitit folder {folder}\n" in out, out
     script = fake_slurm.read_text()
     assert script.count("#!/bin/bash") == 1 and "#SBATCH --array=0-2%" in script, script
     wanted = [(run_a, run_a / "eval"), (run_b, run_b / "eval"), (step, run_a / "eval" / "step-1")]
     for i, (checkpoint, output) in enumerate(wanted):
         assert f"job 4242_{i} [eval.checkpoint={checkpoint}]" in out and f"output {output}" in out, out
-        with open(tmp_path / "submitit" / f"4242_{i}_submitted.pkl", "rb") as f:
+        with open(folder / f"4242_{i}_submitted.pkl", "rb") as f:
             task = pickle.load(f).function
         assert task.job == "eval" and task.config["eval"]["seed"] == 7
         assert (task.config["eval"]["checkpoint"], task.config["eval"]["output_dir"]) == (str(checkpoint),

@@ -21,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,8 +73,25 @@ def _assert_weights(got: Path, want: Path, tol: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def tp2_dp2(slurm_cluster_2nodes, tmp_path_factory) -> Path:  # noqa: F811
-    out = tmp_path_factory.mktemp("tp2-dp2-2nodes")
+def scratch() -> Iterator[Path]:
+    # Not under pytest's basetemp: on a machine shared by several pytest sessions, a newer one prunes older
+    # basetemps, and these runs last minutes.
+    root = Path(tempfile.mkdtemp(prefix="mdu-multinode-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def tmp_path(scratch, request) -> Path:
+    """This module's tmp_path: a directory of its own under ``scratch``."""
+    path = scratch / re.sub(r"\W", "_", request.node.name)
+    path.mkdir()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2(slurm_cluster_2nodes, scratch) -> Path:  # noqa: F811
+    out = scratch / "tp2-dp2-2nodes"
     proc = _launch(slurm_cluster_2nodes, "--job", "unlearn", *TINY, *STEPS, "parallel.tensor=2",
                    f"train.output_dir={out}")
     assert "finished: " in proc.stdout, proc.stdout
@@ -141,6 +161,7 @@ def test_two_node_eval_equals_one_process(slurm_cluster_2nodes, tp2_dp2, tmp_pat
          f"eval.output_dir={single}")
     _launch(slurm_cluster_2nodes, "--job", "eval", *TINY, *FAST_EVAL, f"eval.checkpoint={checkpoint}",
             f"eval.output_dir={multi}")
+    assert len(list((multi / "submitit").glob("*_log.out"))) == 4  # its logs beside its output
     want, got = (json.loads((d / "eval.json").read_text()) for d in (single, multi))
     assert got["layout"] == {"tensor": 1, "data": 4}
     assert got["items"] == want["items"] and got["metrics"] == want["metrics"]

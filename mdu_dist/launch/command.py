@@ -22,10 +22,6 @@ def _output_key(job: str) -> str:
     return "eval.output_dir" if job == "eval" else "train.output_dir"
 
 
-def _output_dir(cfg, job: str) -> str:
-    return cfg.eval.output_dir if job == "eval" else cfg.train.output_dir
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
     import submitit
 
@@ -33,8 +29,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from mdu_dist.config import ConfigError, to_dict
     from mdu_dist.eval.run import check_inputs
     from mdu_dist.inputs import check_job
-    from mdu_dist.launch.plan import (build_executor, log_folder, parse_sweep, plan_for, point_output_dir,
-                                      writer_rank)
+    from mdu_dist.launch.plan import (build_executor, job_output_dir, log_folder, parse_sweep, plan_for,
+                                      point_output_dir, writer_rank)
     from mdu_dist.launch.task import TrainTask
 
     base = _overrides(args)
@@ -46,17 +42,17 @@ def cmd_launch(args: argparse.Namespace) -> int:
     points = parse_sweep(args.sweep)
     configs = []
     for point in points:
-        out = ([f"{_output_key(args.job)}={point_output_dir(args.job, _output_dir(first, args.job), point)}"]
+        out = ([f"{_output_key(args.job)}={point_output_dir(args.job, job_output_dir(first, args.job), point)}"]
                if point else [])
         cfg = load_job_config(args.config, [*base, *point, *out], args.job)
         # Bad data or a missing checkpoint fails here, not in a queued job hours later.
         check_inputs(cfg) if args.job == "eval" else check_job(cfg, args.job, plan.world_size)
         configs.append(cfg)
-    outputs = [_output_dir(cfg, args.job) for cfg in configs]
+    outputs = [job_output_dir(cfg, args.job) for cfg in configs]
     if len(set(outputs)) < len(outputs):
         twice = next(o for o in outputs if outputs.count(o) > 1)
         raise ConfigError(f"--sweep: two points of the sweep would write to {twice}")
-    executor = build_executor(first, plan)
+    executor = build_executor(first, plan, args.job)
     tasks = [TrainTask(to_dict(cfg), args.job) for cfg in configs]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]
@@ -65,13 +61,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
             jobs = [executor.submit(task) for task in tasks]
 
     print(f"submitted {args.job} to {first.launch.executor}: {plan.nodes} node(s) x {plan.tasks_per_node} "
-          f"task(s) = {plan.world_size} ranks; submitit folder {log_folder(first)}")
+          f"task(s) = {plan.world_size} ranks; submitit folder {log_folder(first, args.job)}")
     writer = writer_rank(plan.world_size, first.parallel.pipeline)
     for job, point, cfg in zip(jobs, points, configs, strict=True):
         label = f" [{' '.join(point)}]" if point else ""
         log = job.task(writer).paths
         print(f"job {job.job_id}{label}: log {log.stdout} (errors {log.stderr}); "
-              f"output {Path(_output_dir(cfg, args.job)).absolute()}", flush=True)
+              f"output {Path(job_output_dir(cfg, args.job)).absolute()}", flush=True)
     if args.job != "eval":
         # A sweep's runs sit side by side under the base output dir; TensorBoard finds each run's events there.
         logdir = Path(first.train.output_dir).absolute()

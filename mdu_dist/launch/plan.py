@@ -118,14 +118,22 @@ def executor_parameters(cfg, plan: Plan) -> dict[str, Any]:
     return params
 
 
-def log_folder(cfg) -> Path:
-    return Path(cfg.launch.folder or Path(cfg.train.output_dir) / "submitit").absolute()
+def job_output_dir(cfg, job: str) -> str:
+    """Where a job writes: eval.output_dir for an eval job, else train.output_dir."""
+    return cfg.eval.output_dir if job == "eval" else cfg.train.output_dir
 
 
-def build_executor(cfg, plan: Plan) -> submitit.AutoExecutor:
+def log_folder(cfg, job: str) -> Path:
+    """submitit's pickles and logs: launch.folder, else beside what the job writes. (An eval job's went to
+    train.output_dir, which it never writes: every eval shared runs/mdu/submitit, where a stale result pickle
+    of an earlier job with the same id made ``--wait`` return before the new job had finished.)"""
+    return Path(cfg.launch.folder or Path(job_output_dir(cfg, job)) / "submitit").absolute()
+
+
+def build_executor(cfg, plan: Plan, job: str) -> submitit.AutoExecutor:
     if cfg.launch.executor == "slurm":
         check_slurm(cfg.launch.partition)
-    executor = submitit.AutoExecutor(folder=log_folder(cfg), cluster=cfg.launch.executor,
+    executor = submitit.AutoExecutor(folder=log_folder(cfg, job), cluster=cfg.launch.executor,
                                      slurm_max_num_timeout=cfg.launch.max_requeues)
     executor.update_parameters(**executor_parameters(cfg, plan))
     return executor
