@@ -22,7 +22,7 @@ class LaunchConfig:
     partition: str = ""  # "" = the cluster's default partition
     account: str = ""
     job_name: str = "mdu-dist"
-    folder: str = ""  # submitit's pickles and logs; "" = <train.output_dir>/submitit
+    folder: str = ""  # submitit's pickles and logs; "" = <train / eval.output_dir>/submitit
     max_requeues: int = 3  # time-limit requeues before giving up (preemptions do not count)
     signal_delay_s: int = 90  # the preemption/time-limit signal comes this long before the kill
     array_parallelism: int = 16  # sweep jobs running at once
