@@ -9,10 +9,19 @@ import platform
 import sys
 import warnings
 
+import torch
+
+from mdu_dist import __version__
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.source import load_job_config
-from mdu_dist.config import ConfigError
+from mdu_dist.config import Config, ConfigError
 from mdu_dist.data import DataError
+from mdu_dist.distributed import process_env, resolve_layout
+from mdu_dist.eval.run import main_eval
+from mdu_dist.inputs import check_job
+from mdu_dist.launch.local import launched_world_size, run_ranks
+from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
+from mdu_dist.models.mcore_layout import shard
 
 
 def _version(module: str) -> str:
@@ -24,8 +33,6 @@ def _version(module: str) -> str:
 
 
 def _devices() -> str:
-    import torch
-
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"{len(names)} CUDA device(s): " + ", ".join(names)
@@ -33,11 +40,6 @@ def _devices() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from mdu_dist import __version__
-    from mdu_dist.distributed import process_env, resolve_layout
-    from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
-    from mdu_dist.models.mcore_layout import shard
-
     cfg = load_job_config(args.config, args.overrides, "info")
     print(f"mdu-dist {__version__} | Python {platform.python_version()}")
     for module in ("torch", "megatron.core", "deepspeed", "transformers", "submitit"):
@@ -76,8 +78,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it (on its world size:
     TP x PP x DP), else on ``--nproc`` local processes (default TP x PP)."""
-    from mdu_dist.inputs import check_job
-    from mdu_dist.launch.local import launched_world_size, run_ranks
+    # deferred: the trainer imports TensorBoard (~0.7 s), which only training needs
     from mdu_dist.trainer import run_job
 
     cfg = load_job_config(args.config, args.overrides, args.command)
@@ -93,8 +94,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``eval``: TOFU metrics of ``eval.checkpoint`` on ``--nproc`` local ranks (TP x DP; or under a launcher)."""
-    from mdu_dist.eval.run import main_eval
-
     cfg = load_job_config(args.config, args.overrides, "eval")
     metrics = main_eval(cfg, args.nproc)
     shown = {k: v for k, v in metrics.items() if v is not None and not k.endswith("_f1")}
@@ -104,6 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # deferred: the demo imports the trainer and TensorBoard (~0.7 s)
     from mdu_dist.demo import main_demo
 
     return main_demo(args.config, args.overrides, quick=args.quick)
@@ -127,8 +127,6 @@ UNLEARN_KEYS = {
 
 def key_help(keys: dict[str, str]) -> str:
     """The --help epilog: one line per key: name, default, meaning."""
-    from mdu_dist.config import Config
-
     defaults = Config()
     lines = [f"  {key:<24} {getattr(getattr(defaults, key.split('.')[0]), key.split('.')[1])!r:<11} {text}"
              for key, text in keys.items()]
