@@ -44,8 +44,15 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from mdu_dist import distributed
 from mdu_dist.config import Config, load_config
+from mdu_dist.data import Pairs
+from mdu_dist.launch.local import run_ranks
 from mdu_dist.losses.divergence import chunk_rows, vocab_parallel_divergence
+from mdu_dist.methods import microbatch_loss, prepare
+from mdu_dist.models.mcore import build_stage
+from mdu_dist.models.paired import PolicyAndReference
+from mdu_dist.pipeline import run_microbatches
 
 LLADA_VOCAB, DREAM_VOCAB = 126464, 152064
 # A small LLaDA-shaped model: big enough that the transformer, not Python overhead, dominates a CPU step.
@@ -175,8 +182,6 @@ def _less_grad(kernel: int, naive: int, grad: int) -> float:
 
 def _random_pairs(cfg: Config, rows: int, seq_len: int, seed: int):
     """Random token rows, the first quarter prompt and the rest response; the mask token never appears."""
-    from mdu_dist.data import Pairs
-
     m = cfg.model
     ids = torch.randint(0, m.vocab_size, (rows, seq_len), generator=torch.Generator().manual_seed(seed))
     ids[ids == m.mask_token_id] = (m.mask_token_id + 1) % m.vocab_size
@@ -187,6 +192,7 @@ def _random_pairs(cfg: Config, rows: int, seq_len: int, seed: int):
 
 def _trainer(cfg: Config, job: str, overrides: dict[str, object]):
     """A real Trainer whose step runs on the micro-batches the bench sets in ``fixed``."""
+    # deferred: the trainer imports TensorBoard (~0.7 s); the CLI imports this module for --help
     from mdu_dist.trainer import Trainer
 
     class FixedBatchTrainer(Trainer):
@@ -248,11 +254,6 @@ def step_peak_bytes(trainer) -> int:
     """Peak bytes of one forward and backward of ``trainer``'s step on its micro-batches (activations, logits,
     gradients), through a fresh copy of its model outside DeepSpeed: DeepSpeed's gradient hooks allocate a
     reduce bucket of its own size (2 GB by default) in every backward, whatever the model does."""
-    from mdu_dist.methods import microbatch_loss
-    from mdu_dist.models.mcore import build_stage
-    from mdu_dist.models.paired import PolicyAndReference
-    from mdu_dist.pipeline import run_microbatches
-
     cfg, mbs = trainer.cfg, trainer.fixed
     dtype, device = next(trainer.policy.parameters()).dtype, next(trainer.policy.parameters()).device
     reference = build_stage(cfg.model, dtype).to(device) if trainer.reference is not None else None
@@ -281,9 +282,6 @@ def step_worker(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, 
                 ) -> dict:
     """One rank: build the trainers ``kinds`` need, then time their steps, interleaved; then one more step of
     each for its peak memory."""
-    from mdu_dist import distributed
-    from mdu_dist.methods import prepare
-
     # A fixed thread count per rank: on a loaded machine, OpenMP teams wider than the free cores spin at
     # their barriers and a step's time then says more about the neighbours than about the step.
     torch.set_num_threads(threads)
@@ -344,8 +342,6 @@ def paired_ratio(a: dict, b: dict) -> dict[str, float]:
 
 def run_steps(cfg: Config, kinds: tuple[str, ...], seq_len: int, warmup: int, repeats: int, threads: int
               ) -> dict:
-    from mdu_dist.launch.local import run_ranks
-
     world = cfg.parallel.tensor * cfg.parallel.pipeline
     return run_ranks(step_worker, world, cfg, kinds, seq_len, warmup, repeats, threads)[0]
 

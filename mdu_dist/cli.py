@@ -10,10 +10,20 @@ import re
 import sys
 import warnings
 
+import torch
+
+from mdu_dist import __version__
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.source import load_job_config
-from mdu_dist.config import ConfigError
+from mdu_dist.config import Config, ConfigError
 from mdu_dist.data import DataError
+from mdu_dist.distributed import process_env, resolve_layout
+from mdu_dist.eval.run import main_eval
+from mdu_dist.inputs import check_job
+from mdu_dist.launch.local import launched_world_size, run_ranks
+from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
+from mdu_dist.models.arch import is_moe_layer
+from mdu_dist.models.mcore_layout import layer_range, shard
 
 
 def _version(module: str) -> str:
@@ -25,8 +35,6 @@ def _version(module: str) -> str:
 
 
 def _devices() -> str:
-    import torch
-
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         return f"{len(names)} CUDA device(s): " + ", ".join(names)
@@ -34,11 +42,6 @@ def _devices() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from mdu_dist import __version__
-    from mdu_dist.distributed import process_env, resolve_layout
-    from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
-    from mdu_dist.models.mcore_layout import shard
-
     cfg = load_job_config(args.config, args.overrides, "info")
     print(f"mdu-dist {__version__} | Python {platform.python_version()}")
     for module in ("torch", "megatron.core", "deepspeed", "transformers", "submitit"):
@@ -61,7 +64,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         active = count_active_parameters(m)
         print(f"active parameters per token: {active:,} ({active / 1e9:.3f}e9): {m.moe_topk} of {m.moe_num_experts} "
               f"routed experts in layers {m.moe_dense_layers}..{m.num_layers - 1}"
-              + (f", plus the shared expert" if m.moe_shared_ffn_hidden_size else ""))
+              + (", plus the shared expert" if m.moe_shared_ffn_hidden_size else ""))
     weights = init_weights(m, device="meta")
     for pp_rank in range(pp):
         state = shard(m, weights, tp, 0, pp, pp_rank)
@@ -78,9 +81,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def _layers_shown(m, pp: int, pp_rank: int) -> set[int]:
     """Stage-local indices of the first layer of each kind (dense, MoE) in stage ``pp_rank``."""
-    from mdu_dist.models.arch import is_moe_layer
-    from mdu_dist.models.mcore_layout import layer_range
-
     first: dict[bool, int] = {}
     for j, i in enumerate(layer_range(m.num_layers, pp, pp_rank)):
         first.setdefault(is_moe_layer(m, i), j)
@@ -90,8 +90,7 @@ def _layers_shown(m, pp: int, pp_rank: int) -> set[int]:
 def cmd_train(args: argparse.Namespace) -> int:
     """``finetune`` / ``unlearn``: in this process when a launcher (torchrun, srun) started it (on its world size:
     TP x PP x DP), else on ``--nproc`` local processes (default TP x PP)."""
-    from mdu_dist.inputs import check_job
-    from mdu_dist.launch.local import launched_world_size, run_ranks
+    # deferred: the trainer imports TensorBoard (~0.7 s), which only training needs
     from mdu_dist.trainer import run_job
 
     cfg = load_job_config(args.config, args.overrides, args.command)
@@ -107,8 +106,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``eval``: TOFU metrics of ``eval.checkpoint`` on ``--nproc`` local ranks (TP x DP; or under a launcher)."""
-    from mdu_dist.eval.run import main_eval
-
     cfg = load_job_config(args.config, args.overrides, "eval")
     metrics = main_eval(cfg, args.nproc)
     shown = {k: v for k, v in metrics.items() if v is not None and not k.endswith("_f1")}
@@ -118,6 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # deferred: the demo imports the trainer and TensorBoard (~0.7 s)
     from mdu_dist.demo import main_demo
 
     return main_demo(args.config, args.overrides, quick=args.quick)
@@ -141,8 +139,6 @@ UNLEARN_KEYS = {
 
 def key_help(keys: dict[str, str]) -> str:
     """The --help epilog: one line per key: name, default, meaning."""
-    from mdu_dist.config import Config
-
     defaults = Config()
     lines = [f"  {key:<24} {getattr(getattr(defaults, key.split('.')[0]), key.split('.')[1])!r:<11} {text}"
              for key, text in keys.items()]

@@ -23,6 +23,7 @@ from mdu_dist.errors import ConfigError
 from mdu_dist.eval.config import EvalConfig
 from mdu_dist.launch.config import LaunchConfig
 from mdu_dist.methods import MethodConfig
+from mdu_dist.models import ARCHS
 from mdu_dist.optim import OptimConfig, check_pipeline
 
 
@@ -86,8 +87,6 @@ class ModelConfig:
         return -(-self.vocab_size // multiple) * multiple
 
     def validate(self, where: str = "model") -> None:
-        from mdu_dist.models import ARCHS
-
         if self.arch not in ARCHS:
             raise ConfigError(f"{where}.arch={self.arch!r} is not a known backbone (known: {sorted(ARCHS)})")
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",

@@ -13,6 +13,7 @@ forks and restores it exactly as it would the CUDA generator.
 
 from __future__ import annotations
 
+import importlib
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -96,7 +97,6 @@ def activate() -> list[str]:
     """Apply every redirect if (and only if) CUDA is unavailable; returns the names redirected."""
     if torch.cuda.is_available() or _ACTIVE:
         return list(_ACTIVE)
-    import importlib
 
     for r in REDIRECTS:
         setattr(importlib.import_module(r.owner), r.attribute, r.replacement())

@@ -125,6 +125,7 @@ def _offline_datasets():
     """The ``datasets`` library in offline mode: a source is read from the local cache, never downloaded (the
     variables act on a first import; the flag, on a library some other code imported earlier)."""
     os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    # deferred: datasets costs ~5 s of start-up; config imports this module for every subcommand
     import datasets
 
     datasets.config.HF_HUB_OFFLINE = True
@@ -240,6 +241,7 @@ def build_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE tokenizer of at most ``vocab_size`` ids trained on ``texts`` (in memory; deterministic:
     the same texts give the same tokenizer in every process)."""
+    # deferred: transformers (with tokenizers) costs ~6 s of start-up; only tokenizer work needs it
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -256,6 +258,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def load_tokenizer(directory: str | Path):
+    # deferred: transformers costs ~6 s of start-up; only tokenizer work needs it
     from transformers import AutoTokenizer
 
     directory = Path(directory)

@@ -29,15 +29,30 @@ side, each stage on one thread, so the results do not depend on ``workers``.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mdu_dist import distributed
+from mdu_dist.checkpoint.steps import latest_checkpoint
+from mdu_dist.config import config_from_dict, load_config
+from mdu_dist.data import build_tokenizer, read_rows
 from mdu_dist.errors import ConfigError
+from mdu_dist.eval.metrics import forget_quality
+from mdu_dist.eval.report import aggregate, plot_tradeoff, save_png, table
+from mdu_dist.eval.run import evaluate, retain_model_truth_ratios, write_atomic, write_eval
+from mdu_dist.launch.local import run_ranks
+from mdu_dist.methods import METHODS
+from mdu_dist.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "resources" / "demo.yaml"
 
@@ -107,8 +122,6 @@ class DemoConfig:
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
     def validate(self, where: str = "demo") -> None:
-        from mdu_dist.methods import METHODS
-
         for name in ("pretrain_rows", "forget_rows", "retain_rows", "general_rows", "eval_rows", "batch_size",
                      "pretrain_epochs", "finetune_epochs", "unlearn_epochs", "num_samples", "gen_length", "steps",
                      "block_length"):
@@ -151,8 +164,6 @@ class DemoConfig:
         self.job_config("finetune", "x")  # the base config validates, with the demo's overrides
 
     def job_config(self, name: str, out: str, extra: list[str] = (), seed: int | None = None):
-        from mdu_dist.config import config_from_dict
-
         seed = self.seed if seed is None else seed
         base = copy.deepcopy(self.base)
         overrides = [f"data.tofu_dir={self.tofu_dir}", f"optim.micro_batch_size={self.batch_size}",
@@ -166,8 +177,6 @@ class DemoConfig:
 
 
 def load_demo_config(path: str | None, overrides: list[str] = (), quick: bool = False) -> DemoConfig:
-    from mdu_dist.config import load_config
-
     return load_config(path or DEFAULT_CONFIG, [*(QUICK if quick else []), *overrides], DemoConfig)
 
 
@@ -191,8 +200,6 @@ def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
 
 
 def _read(tofu_dir: str, name: str) -> list[dict]:
-    from mdu_dist.data import read_rows
-
     return read_rows(name, tofu_dir)[1]
 
 
@@ -225,8 +232,6 @@ def write_data(d: DemoConfig, root: Path) -> dict[str, Path]:
 
 
 def write_tokenizer(d: DemoConfig, data: dict[str, Path], out: Path) -> Path:
-    from mdu_dist.data import build_tokenizer
-
     rows = [r for name in ("pretrain", "forget", "retain") for r in json.loads(data[name].read_text())]
     build_tokenizer([f"{r['question']} {r['answer']}" for r in rows], d.base.get("model", {}).get(
         "vocab_size", 1000), out)
@@ -237,10 +242,6 @@ def write_tokenizer(d: DemoConfig, data: dict[str, Path], out: Path) -> Path:
 
 
 def _train(cfg, job: str) -> float:
-    import gc
-
-    from mdu_dist.trainer import Trainer
-
     start = time.perf_counter()
     trainer = Trainer(cfg, job)
     trainer.run()
@@ -250,8 +251,6 @@ def _train(cfg, job: str) -> float:
 
 
 def _eval(cfg) -> tuple[dict, float]:
-    from mdu_dist.eval.run import evaluate, write_eval
-
     start = time.perf_counter()
     result = evaluate(cfg)
     write_eval(result, Path(cfg.eval.output_dir))
@@ -283,10 +282,6 @@ class Stage:
 def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
     """One worker process (one gloo rank): ``stages`` in order. Returns key -> (metrics of an evaluation, else
     None; seconds), and the worker's machine facts."""
-    import torch
-
-    from mdu_dist import distributed
-
     # Refuse any op without a deterministic CPU kernel; but do not NaN-fill every torch.empty (the check's
     # default), which made a training step ~13x slower and changes no result.
     torch.use_deterministic_algorithms(True)
@@ -307,8 +302,6 @@ def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict
             else:
                 metrics, seconds = _eval(cfg)
                 if s.name == "retain-only":  # against itself: the KS p-value of identical samples (1)
-                    from mdu_dist.eval.metrics import forget_quality
-                    from mdu_dist.eval.run import retain_model_truth_ratios
 
                     tr = retain_model_truth_ratios(str(s.output_dir / "eval.json"))
                     metrics["forget_quality"] = forget_quality(tr, tr)
@@ -330,10 +323,6 @@ def share_out(chains: list[list[Stage]], workers: int) -> list[list[Stage]]:
 
 def run_phase(d: DemoConfig, chains: list[list[Stage]]) -> tuple[dict, dict]:
     """Every chain run, ``d.workers`` worker processes side by side; results keyed by stage."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mdu_dist.launch.local import run_ranks
-
     loads = share_out(chains, d.workers)
     if len(loads) > 1:  # progress bars of processes side by side would overwrite each other: one line per stage
         loads = [[replace(s, overrides=[*s.overrides, "train.progress=false", "eval.progress=false"]) for s in load]
@@ -348,8 +337,6 @@ def run_pipeline(d: DemoConfig) -> dict:
     """Pre-train, fine-tune, twin, then per seed the unlearning runs and every evaluation, in three phases of
     worker processes; returns the results (also written to disk). Each stage runs on one thread whatever the
     worker it lands on, so the results do not depend on ``workers``."""
-    from mdu_dist.checkpoint.steps import latest_checkpoint
-
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
@@ -401,8 +388,6 @@ def run_pipeline(d: DemoConfig) -> dict:
     more, _ = run_phase(d, chains)
     done.update(more)
 
-    from mdu_dist.eval.report import aggregate
-
     runs: dict[str, dict] = {}
     for name in SHARED:
         ckpt = latest_checkpoint(dirs[name] / "checkpoints") / "model"
@@ -431,8 +416,6 @@ def run_pipeline(d: DemoConfig) -> dict:
 
 
 def machine_info() -> dict:
-    import torch
-
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -484,8 +467,6 @@ def checks(result: dict) -> list[str]:
 
 
 def results_markdown(result: dict, info: dict) -> str:
-    from mdu_dist.eval.report import table
-
     s = result["settings"]
     seeds = s["seeds"]
     replay = " + the pre-trained real_authors / world_facts rows again" if s["replay_facts"] else ""
@@ -515,8 +496,6 @@ def results_markdown(result: dict, info: dict) -> str:
 
 
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -528,12 +507,11 @@ def _smooth(values: list[float]) -> list[float]:
 
 
 def plot_losses(result: dict, out: Path, path: Path) -> None:
+    # deferred: matplotlib (~2 s) is for the plots only, and the Agg backend is chosen here, not on import
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mdu_dist.eval.report import save_png
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     offset = 0  # pre-training, then the fine-tunes, on one step axis
@@ -568,9 +546,6 @@ def plot_losses(result: dict, out: Path, path: Path) -> None:
 
 
 def write_outputs(result: dict, info: dict, out: Path) -> None:
-    from mdu_dist.eval.report import plot_tradeoff
-    from mdu_dist.eval.run import write_atomic
-
     write_atomic(out / "results.json", json.dumps(result, indent=1))  # runs in pipeline order
     write_atomic(out / "run_info.json", json.dumps(info, indent=1))
     write_atomic(out / "results.md", results_markdown(result, info))

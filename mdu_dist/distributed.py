@@ -116,6 +116,7 @@ def init(parallel: ParallelConfig, model: ModelConfig | None = None) -> Layout:
 
     Validates the layout before creating any group, so a bad TP/PP/world size fails fast on every rank.
     """
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module for --help
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -138,6 +139,7 @@ def init(parallel: ParallelConfig, model: ModelConfig | None = None) -> Layout:
 
 
 def shutdown() -> None:
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module for --help
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, integrity_problems, read_info
+from mdu_dist.checkpoint.errors import CheckpointError
+from mdu_dist.checkpoint.hf import check_same_model, open_hf_checkpoint
+from mdu_dist.checkpoint.lora import LORA_MANIFEST, is_lora_checkpoint, read_adapters, read_lora_info
+from mdu_dist.data import ForgetRetainData, SFTData, load_lines, load_pairs, load_tokenizer, train_tokenizer
+from mdu_dist.distributed import resolve_layout
 from mdu_dist.errors import ConfigError
 
 
@@ -43,11 +49,6 @@ def check_checkpoint(path: str | Path, model, key: str) -> str:
     """"dist" (an mdu-dist checkpoint), "lora" (LoRA adapters, with the base they name) or "hf" (an HF directory)
     whose weights fit ``model`` (architecture, every shape; the files' sizes), checked without reading a weight;
     CheckpointError naming ``key`` otherwise."""
-    from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, integrity_problems, read_info
-    from mdu_dist.checkpoint.errors import CheckpointError
-    from mdu_dist.checkpoint.hf import check_same_model, open_hf_checkpoint
-    from mdu_dist.checkpoint.lora import LORA_MANIFEST, is_lora_checkpoint, read_adapters, read_lora_info
-
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{key}={path}: checkpoint directory not found")
@@ -80,8 +81,6 @@ def check_tokenizer_fits(tokenizer, where, vocab_size: int) -> None:
 def read_sources(cfg, job: str) -> dict:
     """The question/answer rows a job trains on, validated (a missing split, a row without its answer and an
     empty file each raise DataError naming the file and row)."""
-    from mdu_dist.data import load_lines, load_pairs
-
     d, limit = cfg.data, cfg.data.limit or None
 
     def pairs(source: str, limit: int | None = limit):
@@ -99,8 +98,6 @@ def job_tokenizer(cfg) -> tuple[Any, Path | None]:
     """(tokenizer, its directory): ``train.tokenizer``, else the init checkpoint's, else the one a previous run
     in ``train.output_dir`` trained (a resumed run keeps it), else a BPE tokenizer trained on ``data.finetune``
     in memory (directory None; the trainer saves it)."""
-    from mdu_dist.data import load_pairs, load_tokenizer, train_tokenizer
-
     t, d = cfg.train, cfg.data
     if t.tokenizer:
         return load_tokenizer(t.tokenizer), Path(t.tokenizer)
@@ -116,8 +113,6 @@ def job_tokenizer(cfg) -> tuple[Any, Path | None]:
 
 def prepare(cfg, job: str, dp: int) -> JobInputs:
     """Every input of ``job`` on ``dp`` data-parallel replicas, checked and encoded; writes nothing."""
-    from mdu_dist.data import ForgetRetainData, SFTData
-
     if job not in ("finetune", "unlearn"):
         raise ConfigError(f"unknown job {job!r}")
     check_output_dir(cfg.train.output_dir, "train.output_dir")
@@ -141,8 +136,6 @@ def prepare(cfg, job: str, dp: int) -> JobInputs:
 def check_job(cfg, job: str, world_size: int) -> None:
     """Everything a finetune/unlearn ``job`` on ``world_size`` ranks can refuse, checked before any rank starts
     (an eval job: ``mdu_dist.eval.run.check_inputs``)."""
-    from mdu_dist.distributed import resolve_layout
-
     prepare(cfg, job, resolve_layout(world_size, cfg.parallel, cfg.model).dp)
 
 

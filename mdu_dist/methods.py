@@ -20,7 +20,7 @@ from torch import Tensor
 from mdu_dist.data import Pairs
 from mdu_dist.errors import ConfigError
 from mdu_dist.diffusion import anchor_view, mask_response, sample_t
-from mdu_dist.losses import baselines
+from mdu_dist.losses import DIRECTIONS, WEIGHTINGS, baselines
 from mdu_dist.losses.cross_entropy import masked_diffusion_nll, vocab_parallel_cross_entropy
 from mdu_dist.losses.divergence import vocab_parallel_divergence
 
@@ -42,8 +42,6 @@ class MethodConfig:
     special_token_ids: list[int] = field(default_factory=list)  # for exclude_special_tokens; [] = the tokenizer's
 
     def validate(self, where: str = "method") -> None:
-        from mdu_dist.losses import DIRECTIONS, WEIGHTINGS
-
         if self.name not in METHODS:
             raise ConfigError(f"{where}.name={self.name!r} is not a known method (known: {', '.join(METHODS)})")
         if self.tau < 0:

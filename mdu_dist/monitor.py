@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,11 +37,8 @@ class Monitor:
         self.bar = None
         if not enabled:
             return
-        from tqdm import tqdm
 
         if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(str(log_dir))
         self.bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True,
                         disable=not progress)

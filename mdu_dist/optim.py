@@ -149,6 +149,7 @@ class MegatronMPU:
 
     @staticmethod
     def _ps():
+        # deferred: megatron-core costs seconds of start-up; config imports this module for every subcommand
         from megatron.core import parallel_state
 
         return parallel_state
@@ -259,6 +260,7 @@ def build_engine(model: torch.nn.Module, cfg: OptimConfig):
     Returns the engine; its ``lr_scheduler`` is a torch LambdaLR over ``schedule(cfg)``, stepped by
     ``engine.step()`` and saved/restored with the engine's checkpoints.
     """
+    # deferred: DeepSpeed and megatron-core cost seconds of start-up; config imports this module for every subcommand
     import deepspeed
     from megatron.core import parallel_state
 
@@ -297,6 +299,7 @@ def forward_backward(engine, microbatches: list[Any], forward_fn: ForwardFn, los
     ``wrap``, if given, builds the model ``forward_fn`` receives around that one (e.g. ``PolicyAndReference``
     with a frozen reference kept outside the engine; the schedule then hands pipeline inputs to the wrapper).
     """
+    # deferred: megatron-core costs seconds of start-up; config imports this module for every subcommand
     from megatron.core import parallel_state
 
     if len(microbatches) != engine.gradient_accumulation_steps():

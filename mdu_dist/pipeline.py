@@ -24,6 +24,7 @@ def run_microbatches(model: torch.nn.Module, microbatches: list[Any], forward_fn
     last stage. The schedule divides each loss by the number of micro-batches before its backward, so gradients
     are those of the mean loss.
     """
+    # deferred: megatron-core costs seconds of start-up; config imports this module (through optim)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def step(data_iterator, stage):

@@ -57,8 +57,14 @@ import torch
 
 from mdu_dist.checkpoint.source import load_job_config
 from mdu_dist.config import Config, LoRAConfig, ModelConfig
+from mdu_dist.data import Pairs
 from mdu_dist.errors import ConfigError
 from mdu_dist.losses.divergence import chunk_rows
+from mdu_dist.methods import SFT, build_objective
+from mdu_dist.models.arch import is_moe_layer
+from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
+from mdu_dist.models.lora import adapter_parameters
+from mdu_dist.models.mcore_layout import layer_range, shard
 
 GIB = 2**30
 BF16, FP32 = 2, 4
@@ -100,9 +106,6 @@ class Row:
 
 def stage_parameters(cfg: ModelConfig, tp: int, pp: int) -> list[int]:
     """Parameters held by one TP rank of each pipeline stage (TP rank 0; all TP ranks hold equal counts)."""
-    from mdu_dist.models.dense import init_weights
-    from mdu_dist.models.mcore_layout import shard
-
     weights = init_weights(cfg, device="meta")
     return [sum(t.numel() for t in shard(cfg, weights, tp, 0, pp, r).values()) for r in range(pp)]
 
@@ -111,8 +114,6 @@ def layer_activation_bytes(cfg: ModelConfig, tp: int, tokens: int, seq_len: int,
                            layer: int = 0) -> int:
     """A(tokens): what layer ``layer`` keeps for its backward (formulas in the module docstring); with
     ``recompute="selective"`` without the core attention's state."""
-    from mdu_dist.models.arch import is_moe_layer
-
     h, f, a = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads
     kv = cfg.num_query_groups * cfg.head_dim
     attention_state = 0 if recompute == "selective" else a * seq_len if cfg.attention == "local" else 2 * a
@@ -132,8 +133,6 @@ def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
-    from mdu_dist.models.mcore_layout import layer_range
-
     tokens = w.micro_batch_size * w.seq_len
     own = layer_range(cfg.num_layers, pp, stage)
     in_flight = pp - stage
@@ -151,8 +150,6 @@ def memory_row(cfg: ModelConfig, tp: int, pp: int, dp: int, zero: int, offload: 
                gpu_mem_gib: float, stage_params: list[int] | None = None, lora: LoRAConfig | None = None) -> Row:
     """The per-GPU memory of the most loaded pipeline stage of one layout and ZeRO choice; with ``lora``
     enabled, of training its adapters only."""
-    from mdu_dist.models.lora import adapter_parameters
-
     stage_params = stage_params or stage_parameters(cfg, tp, pp)
     lora = lora if lora is not None and lora.enabled else None
     trainable = adapter_parameters(cfg, lora, tp, cfg.num_layers // pp) if lora else None
@@ -186,9 +183,6 @@ def layouts(cfg: ModelConfig, gpus: int) -> list[tuple[int, int, int]]:
 
 def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_fraction: float) -> Workload:
     """Count the passes of one micro-batch by asking the objective itself (on a 1 x 1 dummy batch)."""
-    from mdu_dist.data import Pairs
-    from mdu_dist.methods import SFT, build_objective
-
     m = cfg.model
     objective = SFT(cfg.method, m.mask_token_id) if job == "finetune" else build_objective(cfg.method,
                                                                                           m.mask_token_id)
@@ -233,8 +227,6 @@ def nodes_needed(cfg: Config, w: Workload, gpus_per_node: int, gpu_mem_gib: floa
 
 def experts_share(m: ModelConfig) -> str:
     """One line: how much of the model the routed experts are, and what one token uses."""
-    from mdu_dist.models.dense import count_active_parameters, count_parameters
-
     total, active = count_parameters(m), count_active_parameters(m)
     experts = sum(3 * m.hidden_size * m.moe_ffn_hidden_size * m.moe_num_experts
                   for _ in range(m.moe_dense_layers, m.num_layers))
@@ -260,8 +252,6 @@ def format_table(rows: list[Row]) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from mdu_dist.models.dense import count_parameters
-
     cfg = load_job_config(args.config, args.overrides, args.job)
     if args.gpus < 1 or args.gpu_mem <= 0 or not 0 < args.masked_fraction <= 1:
         raise ConfigError(f"--gpus={args.gpus} must be >= 1, --gpu-mem={args.gpu_mem} > 0 and "
@@ -280,8 +270,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"{w.masked_fraction:.0%} of positions; {m.attention} attention, recompute {w.recompute}; "
           f"{args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")
     if cfg.lora.enabled:
-        from mdu_dist.models.lora import adapter_parameters
-
         lora = cfg.lora
         print(f"LoRA rank {lora.rank} on {', '.join(lora.targets)}: {adapter_parameters(m, lora, 1, m.num_layers):,} "
               f"trainable parameters, the base frozen; reference: "

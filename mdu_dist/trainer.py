@@ -10,13 +10,28 @@ the uninterrupted one exactly.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from mdu_dist import distributed
+from mdu_dist.checkpoint.atomic import atomic_dir
+from mdu_dist.checkpoint.convert import load_initial_weights
+from mdu_dist.checkpoint.dist import load_model_checkpoint, save_model_checkpoint
+from mdu_dist.checkpoint.lora import ADAPTER_DIR, base_of, check_base, load_adapters_into, read_lora_info, save_adapters
+from mdu_dist.checkpoint.shared import agreed_latest_step, check_shared_dir
+from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, partial_dir, step_dir
+from mdu_dist.data import collate_parts, longest
 from mdu_dist.errors import ConfigError
+from mdu_dist.inputs import prepare as prepare_inputs, steps_per_epoch
+from mdu_dist.methods import SFT, VocabShard, build_objective, microbatch_loss, prepare
+from mdu_dist.models.mcore import build_stage
+from mdu_dist.models.paired import PolicyAndReference
+from mdu_dist.monitor import Monitor, check_finite
+from mdu_dist.optim import build_engine, forward_backward, optimizer_step, resolve_dtype
 
 
 def step_generator(seed: int, step: int, microbatch: int, dp_rank: int) -> torch.Generator:
@@ -55,14 +70,8 @@ class Trainer:
     """One job (``finetune`` or ``unlearn``) on this rank, inside an initialised process group."""
 
     def __init__(self, cfg, job: str):
+        # deferred: megatron-core warns at import (no Apex/TE); ranks unpickle run_job before _entry filters that
         from megatron.core import parallel_state as ps
-
-        from mdu_dist import distributed
-        from mdu_dist.inputs import prepare, steps_per_epoch
-        from mdu_dist.checkpoint.shared import check_shared_dir
-        from mdu_dist.methods import SFT, VocabShard, build_objective
-        from mdu_dist.models.mcore import build_stage
-        from mdu_dist.optim import build_engine, resolve_dtype
 
         self.cfg, self.job, self.ps = cfg, job, ps
         self.out = Path(cfg.train.output_dir)
@@ -70,7 +79,7 @@ class Trainer:
         self.writer_rank = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                             and self.dp_rank == 0)
         m = cfg.model
-        inputs = prepare(cfg, job, self.dp)  # every input checked on this rank before its first write
+        inputs = prepare_inputs(cfg, job, self.dp)  # every input checked on this rank before its first write
         self.data = inputs.data
         if cfg.method.exclude_special_tokens and not cfg.method.special_token_ids:
             # An empty list would exclude nothing: it means the tokenizer's special tokens
@@ -108,8 +117,6 @@ class Trainer:
     def _keep_tokenizer(self, inputs) -> Path:
         """The tokenizer's directory; one trained on the data (a tiny model from scratch) is saved with the run,
         by rank 0, in one rename."""
-        from mdu_dist.checkpoint.atomic import atomic_dir
-
         if inputs.tokenizer_dir is not None:
             return inputs.tokenizer_dir
         path = self.out / "tokenizer"
@@ -121,8 +128,6 @@ class Trainer:
 
     def _load_initial_weights(self) -> None:
         """theta_0 for both the policy and the frozen reference: an HF or mdu-dist checkpoint, or random."""
-        from mdu_dist.checkpoint.convert import load_initial_weights
-
         load_initial_weights([s for s in (self.policy, self.reference) if s is not None], self.cfg.train.init,
                              self.cfg.train.seed)
 
@@ -137,10 +142,6 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- step
 
     def _microbatches(self, step: int) -> list:
-        from mdu_dist import distributed
-        from mdu_dist.data import collate_parts, longest
-        from mdu_dist.methods import prepare
-
         o = self.cfg.optim
         epoch, rows = step_indices(len(self.data), self.cfg.train.seed, step,
                                    o.micro_batch_size * o.gradient_accumulation_steps, self.dp_rank, self.dp)
@@ -154,10 +155,6 @@ class Trainer:
                 for i, p in enumerate(parts)]
 
     def train_step(self, step: int) -> dict[str, float]:
-        from mdu_dist.methods import microbatch_loss
-        from mdu_dist.models.paired import PolicyAndReference
-        from mdu_dist.optim import forward_backward, optimizer_step
-
         mbs = self._microbatches(step)
         reference, adapters_off = self.reference, self.adapters_off
 
@@ -197,20 +194,12 @@ class Trainer:
 
     @property
     def checkpoint_root(self) -> Path:
-        from mdu_dist.checkpoint.steps import checkpoints_dir
-
         return checkpoints_dir(self.out)
 
     def save(self, step: int) -> Path:
         """Collective. ``step-N`` appears (rank 0 renames it into place) only once the model, the DeepSpeed
         optimizer/scheduler state and ``trainer_state.json`` are all written: a run killed mid-save leaves only
         a ``.step-N.partial`` directory, and the previous checkpoint stays the latest complete one."""
-        import shutil
-
-        from mdu_dist.checkpoint.dist import save_model_checkpoint
-        from mdu_dist.checkpoint.lora import ADAPTER_DIR, base_of, save_adapters
-        from mdu_dist.checkpoint.steps import TRAINER_STATE, partial_dir, step_dir
-
         final, tmp = step_dir(self.checkpoint_root, step), partial_dir(self.checkpoint_root, step)
         if dist.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -238,10 +227,6 @@ class Trainer:
 
     def resume(self, path: Path) -> int:
         """Collective: restore weights, optimizer, scheduler and the step counter from checkpoint ``path``."""
-        from mdu_dist.checkpoint.dist import load_model_checkpoint
-        from mdu_dist.checkpoint.lora import ADAPTER_DIR, check_base, load_adapters_into, read_lora_info
-        from mdu_dist.checkpoint.steps import TRAINER_STATE
-
         state = json.loads((path / TRAINER_STATE).read_text())
         if state["job"] != self.job:
             raise ConfigError(f"{path}: a {state['job']} checkpoint cannot resume a {self.job} run")
@@ -258,10 +243,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict[str, float]:
-        from mdu_dist.checkpoint.shared import agreed_latest_step
-        from mdu_dist.checkpoint.steps import step_dir
-        from mdu_dist.monitor import Monitor, check_finite
-
         t = self.cfg.train
         start = 0
         if t.resume == "auto":
@@ -291,8 +272,6 @@ class Trainer:
 
 def run_job(cfg, job: str) -> dict[str, float]:
     """Entry point of one rank: process groups, the trainer, clean shutdown."""
-    from mdu_dist import distributed
-
     if job not in ("finetune", "unlearn"):
         raise ConfigError(f"unknown job {job!r}")
     distributed.init(cfg.parallel, cfg.model)

@@ -8,7 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+from mdu_dist.checkpoint.convert import DTYPES, dist_to_hf, hf_to_dist, inspect_checkpoint, reshard
 from mdu_dist.checkpoint.errors import CheckpointError
+from mdu_dist.checkpoint.hf import CONFIG_FILE, hf_config_to_model_config, read_json
+from mdu_dist.checkpoint.lora import adapter_dir, export_merged, export_peft, inspect_lora, is_lora_checkpoint
 from mdu_dist.config import ConfigError, config_from_dict, load_config
 from mdu_dist.models import ARCHS
 
@@ -37,8 +40,6 @@ def _run(fn, args: argparse.Namespace) -> int:
 
 def _model_config(args: argparse.Namespace):
     """The run's ModelConfig: --config YAML (+ overrides), or config.json + overrides, or None (config.json)."""
-    from mdu_dist.checkpoint.hf import CONFIG_FILE, read_json, hf_config_to_model_config
-
     if args.config:
         return load_config(args.config, args.overrides).model
     if not args.overrides:
@@ -52,8 +53,6 @@ def _model_config(args: argparse.Namespace):
 
 
 def cmd_hf_to_dist(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.convert import hf_to_dist
-
     out = hf_to_dist(args.hf_dir, args.out, args.model, args.tp, args.pp, cfg=_model_config(args), dtype=args.dtype,
                      overwrite=args.overwrite, progress=not args.no_progress)
     print(f"wrote {out} (TP={args.tp} x PP={args.pp}); `mdu-dist inspect {out}` verifies it")
@@ -61,8 +60,6 @@ def cmd_hf_to_dist(args: argparse.Namespace) -> int:
 
 
 def cmd_dist_to_hf(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.convert import dist_to_hf
-
     out, notes = dist_to_hf(args.src, args.out, arch=args.model, max_shard_bytes=args.max_shard_size,
                             copy_files_from=args.copy_files_from, dtype=args.dtype, verify=not args.no_verify,
                             overwrite=args.overwrite, progress=not args.no_progress)
@@ -73,16 +70,11 @@ def cmd_dist_to_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_to_peft(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.lora import export_peft
-
     print(f"wrote {export_peft(args.src, args.out, overwrite=args.overwrite)} (PEFT LoRA adapter)")
     return 0
 
 
 def cmd_lora_to_hf(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.convert import DTYPES
-    from mdu_dist.checkpoint.lora import export_merged
-
     out = export_merged(args.src, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
                         max_shard_bytes=args.max_shard_size, overwrite=args.overwrite)
     print(f"wrote {out} (base + adapters merged)")
@@ -90,8 +82,6 @@ def cmd_lora_to_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.convert import reshard
-
     out, notes = reshard(args.src, args.out, args.tp, args.pp, verify=not args.no_verify, overwrite=args.overwrite,
                          progress=not args.no_progress)
     for note in notes:
@@ -101,9 +91,6 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mdu_dist.checkpoint.convert import inspect_checkpoint
-    from mdu_dist.checkpoint.lora import adapter_dir, inspect_lora, is_lora_checkpoint
-
     lora = adapter_dir(args.ckpt)
     lines, problems = (inspect_lora(lora) if is_lora_checkpoint(lora) else
                        inspect_checkpoint(args.ckpt, verify=not args.quick, progress=not args.no_progress))

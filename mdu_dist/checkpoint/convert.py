@@ -21,7 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
+from mdu_dist import distributed
 from mdu_dist.checkpoint import dist_layout as dl
 from mdu_dist.checkpoint.atomic import check_target, partial_path
 from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, progress_bar, integrity_problems,
@@ -34,8 +37,9 @@ from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, latest_che
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
 from mdu_dist.launch.local import run_ranks
 from mdu_dist.models import ARCHS
-from mdu_dist.models.dense import count_active_parameters, count_parameters
-from mdu_dist.models.mcore_layout import rank_tensor
+from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
+from mdu_dist.models.mcore import build_stage
+from mdu_dist.models.mcore_layout import load_shard, rank_tensor, shard
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' save_pretrained default ("5GB")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +55,7 @@ def hf_side_files(hf_dir: str | Path) -> list[Path]:
 
 
 def _rank() -> tuple[int, int, int, int]:
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module (via eval.run)
     from megatron.core import parallel_state as ps
 
     return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
@@ -59,8 +64,6 @@ def _rank() -> tuple[int, int, int, int]:
 
 def load_hf_into_stage(stage, reader: HFCheckpointReader, progress: bool = False) -> None:
     """Fill this rank's stage from an opened HF checkpoint, reading only the slices this rank owns."""
-    from tqdm import tqdm
-
     tp, tp_rank, pp, pp_rank = _rank()
     own = {k: v for k, v in stage.module.state_dict().items() if not k.endswith("_extra_state")}
     with torch.no_grad():
@@ -75,9 +78,6 @@ def load_hf_into_stage(stage, reader: HFCheckpointReader, progress: bool = False
 def load_initial_weights(stages: list, init: str, seed: int) -> None:
     """Collective: fill each stage (same model, this rank's TP/PP slice) with ``init``: an HF or mdu-dist
     checkpoint directory, or "" for random weights drawn from ``seed`` (tiny models)."""
-    from mdu_dist.models.dense import init_weights
-    from mdu_dist.models.mcore_layout import load_shard, shard
-
     m = stages[0].cfg
     if not init:
         tp, tp_rank, pp, pp_rank = _rank()
@@ -103,14 +103,9 @@ def _say(show: bool, message: str) -> None:
 
 def _hf_to_dist_rank(hf_dir: str, out: str, cfg: dict, tp: int, pp: int, dtype: str, overwrite: bool,
                      progress: bool) -> None:
-    from mdu_dist import distributed
-    from mdu_dist.models.mcore import build_stage
-
     model = ModelConfig(**cfg)
     distributed.init(ParallelConfig(tensor=tp, pipeline=pp, backend="gloo"), model)
     try:
-        import torch.distributed as dist
-
         show = progress and dist.get_rank() == 0
         _say(show, f"{tp * pp} rank(s): building their stages ({dtype})")
         with open_hf_checkpoint(hf_dir, model, model.arch) as reader:
@@ -125,14 +120,9 @@ def _hf_to_dist_rank(hf_dir: str, out: str, cfg: dict, tp: int, pp: int, dtype: 
 
 
 def _reshard_rank(src: str, out: str, tp: int, pp: int, overwrite: bool, progress: bool) -> None:
-    from mdu_dist import distributed
-    from mdu_dist.models.mcore import build_stage
-
     info = read_info(src)
     distributed.init(ParallelConfig(tensor=tp, pipeline=pp, backend="gloo"), info.cfg)
     try:
-        import torch.distributed as dist
-
         show = progress and dist.get_rank() == 0
         _say(show, f"{tp * pp} rank(s): building their stages, loading TP={info.tp} PP={info.pp} weights into them")
         stage = build_stage(info.cfg, info.dtype)
@@ -261,8 +251,6 @@ def dist_to_hf(src: str | Path, out: str | Path, *, arch: str | None = None,
     (for checkpoints that did not start as HF ones). Every tensor is written in ``dtype`` (default: the
     checkpoint's, i.e. the HF checkpoint's it was converted from). One layer is read at a time.
     """
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     src, _ = model_checkpoint_dir(src)
     info = read_info(src)
@@ -334,7 +322,7 @@ def inspect_checkpoint(path: str | Path, *, verify: bool = True, progress: bool 
         f"parameters: {_parameters(m)}",
         f"dtype: {str(info.dtype).removeprefix('torch.')}",
         f"step: {info.step if info.step is not None else '- (not a training checkpoint)'}",
-        f"components: model" + "".join(f", {n} (TP={c.get('tp')} PP={c.get('pp')}, not reshardable)"
+        "components: model" + "".join(f", {n} (TP={c.get('tp')} PP={c.get('pp')}, not reshardable)"
                                       for n, c in sorted(info.components.items())),
         f"files: {len(info.files)}, {_human(sum(f['size'] for f in info.files.values()))}"
         + (f" (HF side files: {', '.join(p.name for p in info.hf_files)})" if info.hf_files else ""),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import pickle
 import shutil
@@ -33,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
 from mdu_dist.checkpoint import dist_layout as dl
 from mdu_dist.checkpoint.atomic import check_target, fresh_dir, move_into_place, partial_path
@@ -161,8 +164,6 @@ def integrity_problems(info: CheckpointInfo, hashes: bool = True, rels: Iterable
 
 def _allowed_global(module: str, name: str) -> bool:
     if module.startswith("torch.distributed.checkpoint.") or module == "torch.distributed.checkpoint":
-        import importlib
-
         obj = getattr(importlib.import_module(module), name, None)
         return isinstance(obj, type)  # metadata dataclasses and enums, never a function
     if (module, name) in {("torch", "Size"), ("collections", "OrderedDict"), ("torch.serialization", "_get_layout"),
@@ -191,6 +192,7 @@ def read_dcp_metadata(ckpt_dir: Path) -> Any:
 
 
 def _weights_only_common_strategy():
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
 
     class WeightsOnlyCommonLoad(TorchCommonLoadStrategy):
@@ -210,6 +212,7 @@ def _weights_only_common_strategy():
 
 def model_sharded_state_dict(stage) -> dict[str, Any]:
     """The stage's megatron sharded state dict without its ``_extra_state`` ShardedObjects."""
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     out = {}
@@ -227,8 +230,6 @@ def model_sharded_state_dict(stage) -> dict[str, Any]:
 
 def _agree(error: str | None) -> None:
     """Collective: raise the first rank's error on every rank, so no rank proceeds alone."""
-    import torch.distributed as dist
-
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e), None)
@@ -237,8 +238,6 @@ def _agree(error: str | None) -> None:
 
 
 def _collective_hash(root: Path, rels: list[str], progress: bool) -> dict[str, dict[str, Any]]:
-    import torch.distributed as dist
-
     rank, world = dist.get_rank(), dist.get_world_size()
     bar = progress_bar(sum((root / r).stat().st_size for r in rels[rank::world]), "sha256", progress and rank == 0)
     mine = hash_files(root, rels[rank::world], bar.update)
@@ -249,12 +248,11 @@ def _collective_hash(root: Path, rels: list[str], progress: bool) -> dict[str, d
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
 
 
 def _stage_layout(stage) -> tuple[int, int, torch.dtype]:
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core import parallel_state as ps
 
     dtype = next(stage.module.parameters()).dtype
@@ -272,7 +270,7 @@ def save_model_checkpoint(stage, directory: str | Path, *, step: int | None = No
     the work), rank 0 writes the manifest and renames it into place. ``hf_files`` are copied to
     ``hf_files/`` by rank 0; ``extra`` is stored in the manifest as is.
     """
-    import torch.distributed as dist
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core import dist_checkpointing
 
     out = Path(directory).absolute()
@@ -330,14 +328,13 @@ def load_model_checkpoint(stage, directory: str | Path, *, verify: str | None = 
     ``verify``: "size" (default) checks every file's size, "sha256" its hash too (the ranks share the work),
     None nothing. A checkpoint of another architecture or shape is refused naming the field.
     """
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core import dist_checkpointing
 
     info = read_info(directory)
     check_model_matches(info, stage.cfg)
     tp, _, dtype = _stage_layout(stage)
     if verify == "sha256":
-        import torch.distributed as dist
-
         rels = sorted(info.files)
         rank, world = dist.get_rank(), dist.get_world_size()
         bar = progress_bar(sum(info.files[r]["size"] for r in rels[rank::world]), "sha256", progress and rank == 0)
@@ -364,6 +361,7 @@ def load_model_checkpoint(stage, directory: str | Path, *, verify: str | None = 
 def load_component(directory: str | Path, name: str, sharded_state_dict: Mapping[str, Any]) -> dict:
     """Collective: load component ``name`` (saved by ``save_model_checkpoint(components=...)``) of a
     checkpoint written by this same TP/PP layout."""
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (mdu_dist.checkpoint)
     from megatron.core import dist_checkpointing
 
     info = read_info(directory)
@@ -434,6 +432,7 @@ class DistCheckpointReader:
     """
 
     def __init__(self, info: CheckpointInfo, md: Any):
+        # deferred: torch.distributed.checkpoint costs ~1 s of start-up; every subcommand imports this module
         from torch.distributed.checkpoint import FileSystemReader
 
         self.info, self.cfg, self._md = info, info.cfg, md
@@ -442,6 +441,7 @@ class DistCheckpointReader:
 
     def read(self, key: str, layer: int | None = None) -> Tensor:
         """Global tensor ``key``, or its slice ``layer`` (without the layer axis) for a per-layer key."""
+        # deferred: torch.distributed.checkpoint costs ~1 s of start-up; every subcommand imports this module
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list

@@ -22,12 +22,19 @@ from typing import Any
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from mdu_dist.checkpoint.atomic import atomic_dir
+from mdu_dist.checkpoint.convert import hf_side_files, load_initial_weights
+from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, open_dist_checkpoint, read_info
 from mdu_dist.checkpoint.errors import CheckpointError
-from mdu_dist.checkpoint.hf import check_same_model
+from mdu_dist.checkpoint.hf import CONFIG_FILE, check_same_model, open_hf_checkpoint, read_json, write_hf_checkpoint
 from mdu_dist.config import ConfigError, LoRAConfig, ModelConfig, config_from_dict
-from mdu_dist.models.lora import canonical_names, gather_adapters
+from mdu_dist.models import ARCHS
+from mdu_dist.models.dense import init_weights
+from mdu_dist.models.lora import (adapter_parameters, canonical_names, gather_adapters, load_adapters, merged,
+                                  peft_config, peft_tensors)
 
 LORA_MANIFEST = "lora.json"
 ADAPTER_DIR = "adapter"
@@ -54,7 +61,7 @@ def save_adapters(stage, directory: Path, lora: LoRAConfig, base: dict[str, Any]
     """Collective over every rank: write ``directory`` (which must not hold a previous save). The TP ranks of
     each stage gather its adapters; data-parallel rank 0 and TP rank 0 of that stage writes them (to a temporary
     name, then renamed); global rank 0 writes the manifest and copies ``hf_files``."""
-    import torch.distributed as dist
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (checkpoint.source)
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
@@ -150,11 +157,6 @@ def base_of(init: str, seed: int) -> dict[str, Any]:
 
 def base_tensors(info: LoRAInfo) -> Iterator[tuple[str, Tensor]]:
     """(canonical name, tensor) of the base model in canonical order, one at a time where the source allows."""
-    from mdu_dist.checkpoint.dist import MANIFEST, open_dist_checkpoint
-    from mdu_dist.checkpoint.hf import open_hf_checkpoint
-    from mdu_dist.models import ARCHS
-    from mdu_dist.models.dense import init_weights
-
     init, m = info.base["init"], info.cfg
     if not init:
         yield from init_weights(m, seed=int(info.base["seed"])).items()
@@ -168,8 +170,6 @@ def base_tensors(info: LoRAInfo) -> Iterator[tuple[str, Tensor]]:
 
 def merged_tensors(info: LoRAInfo, adapters: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
     """The base's canonical tensors with every adapter folded in (``models.lora.merged``)."""
-    from mdu_dist.models.lora import merged
-
     for name, tensor in base_tensors(info):
         if f"{name}.lora_A" in adapters:
             tensor = merged(tensor, adapters[f"{name}.lora_A"], adapters[f"{name}.lora_B"], info.lora)
@@ -178,17 +178,14 @@ def merged_tensors(info: LoRAInfo, adapters: dict[str, Tensor]) -> Iterator[tupl
 
 def load_lora_checkpoint(stage, info: LoRAInfo) -> None:
     """Collective: base and adapters of ``info`` into a stage built with ``info.lora``."""
-    from mdu_dist.checkpoint.convert import load_initial_weights
-
     load_initial_weights([stage], info.base["init"], int(info.base.get("seed", 0)))
     load_adapters_into(stage, info)
 
 
 def load_adapters_into(stage, info: LoRAInfo) -> None:
     """Collective: the adapters of ``info`` into this rank's slice of ``stage.lora`` (any TP/PP layout)."""
+    # deferred: megatron-core costs seconds of start-up; every subcommand imports this module (checkpoint.source)
     from megatron.core import parallel_state as ps
-
-    from mdu_dist.models.lora import load_adapters
 
     try:
         load_adapters(stage, read_adapters(info), ps.get_tensor_model_parallel_world_size(),
@@ -209,10 +206,6 @@ def adapter_dir(path: str | Path) -> Path:
 
 def _base_side(info: LoRAInfo) -> tuple[torch.dtype, dict | None, list[Path]]:
     """The base's dtype, config.json contents (None: none known) and non-weight files (tokenizer, code)."""
-    from mdu_dist.checkpoint.convert import hf_side_files
-    from mdu_dist.checkpoint.dist import MANIFEST, read_info
-    from mdu_dist.checkpoint.hf import CONFIG_FILE, read_json, open_hf_checkpoint
-
     init, m = info.base["init"], info.cfg
     if not init:
         return torch.float32, None, []
@@ -229,9 +222,6 @@ def _base_side(info: LoRAInfo) -> tuple[torch.dtype, dict | None, list[Path]]:
 def export_peft(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write PEFT's layout (``adapter_config.json`` + ``adapter_model.safetensors`` under the backbone's HF module
     names), which ``peft.PeftModel.from_pretrained(<HF model of the base>, out)`` loads."""
-    from mdu_dist.checkpoint.atomic import atomic_dir
-    from mdu_dist.models.lora import peft_config, peft_tensors
-
     info = read_lora_info(adapter_dir(src))
     tensors = peft_tensors(info.cfg.arch, read_adapters(info))
     with atomic_dir(Path(out), overwrite) as tmp:
@@ -248,9 +238,6 @@ def export_merged(src: str | Path, out: str | Path, *, dtype: torch.dtype | None
                   max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
     """Write an HF-layout checkpoint of the base with the adapters folded in (W + alpha/r B A, in fp32, then cast
     to ``dtype``, default the base's), with the base's config.json and side files and the run's tokenizer."""
-    from mdu_dist.checkpoint.hf import write_hf_checkpoint
-    from mdu_dist.models import ARCHS
-
     info = read_lora_info(adapter_dir(src))
     adapters = read_adapters(info)
     base_dtype, base_config, side = _base_side(info)
@@ -265,10 +252,6 @@ def export_merged(src: str | Path, out: str | Path, *, dtype: torch.dtype | None
 
 def inspect_lora(path: Path) -> tuple[list[str], list[str]]:
     """(report lines, problems) of a LoRA checkpoint: its manifest, every adapter tensor, and its base."""
-    from mdu_dist.checkpoint.dist import MANIFEST, check_model_matches, read_info
-    from mdu_dist.checkpoint.hf import open_hf_checkpoint
-    from mdu_dist.models.lora import adapter_parameters
-
     info = read_lora_info(path)
     m, lora, problems = info.cfg, info.lora, []
     try:

@@ -14,6 +14,8 @@ import secrets
 import socket
 from pathlib import Path
 
+import torch.distributed as dist
+
 from mdu_dist.checkpoint.steps import latest_checkpoint
 from mdu_dist.errors import ConfigError
 
@@ -23,8 +25,6 @@ MARKER = ".shared-by-every-rank-"
 def check_shared_dir(directory: str | Path, key: str) -> None:
     """Collective: rank 0 creates ``directory`` and a marker file in it; every rank raises one ConfigError
     (naming ``key``, the directory and the hosts that cannot see the marker) unless all of them see it."""
-    import torch.distributed as dist
-
     directory = Path(directory).absolute()
     sent: list[tuple[str, str | None]] = [("", None)]  # (marker name, rank 0's error)
     if dist.get_rank() == 0:
@@ -55,8 +55,6 @@ def check_shared_dir(directory: str | Path, key: str) -> None:
 def agreed_latest_step(root: str | Path) -> int | None:
     """Collective: the step of the newest complete checkpoint under ``root`` as rank 0 sees it, on every rank
     (None: there is none)."""
-    import torch.distributed as dist
-
     latest = latest_checkpoint(Path(root)) if dist.get_rank() == 0 else None
     step = [None if latest is None else int(latest.name.split("-")[1])]
     dist.broadcast_object_list(step, src=0)

@@ -61,6 +61,7 @@ _NON_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
 def _porter():
     # NLTK's Porter stemmer (default NLTK_EXTENSIONS mode) is the one rouge_score's tokenizer uses.
     try:
+        # deferred: nltk costs ~3 s of start-up; eval.run (reached by report and launch) imports this module
         from nltk.stem import porter
     except ImportError as e:
         raise ImportError("ROUGE-L with stemming (open-unlearning's setting) needs nltk: pip install nltk") from e

@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 
 from mdu_dist.data import DataError
+from mdu_dist.eval.run import fmt, write_atomic
 
 COLUMNS = (("forget ROUGE", "forget_Q_A_ROUGE"), ("forget prob", "forget_Q_A_Prob"),
            ("forget TR", "forget_truth_ratio"), ("forget quality", "forget_quality"),
@@ -49,8 +50,6 @@ def aggregate(per_seed: list[dict]) -> tuple[dict, dict]:
 
 
 def _pm(run: dict, key: str) -> str:
-    from mdu_dist.eval.run import fmt
-
     mean, std = run["mean"].get(key), run["std"].get(key)
     return fmt(mean) if mean is None or len(run["seeds"]) == 1 else f"{fmt(mean)} ± {fmt(std)}"
 
@@ -71,6 +70,7 @@ def save_png(fig, path: Path) -> None:
 def plot_tradeoff(runs: dict, path: Path, stars: tuple[str, ...] = (), title: str = TITLE) -> None:
     """Model utility against forget ROUGE and against forget quality: each seed a small point, the mean a large
     one; the models in ``stars`` (references such as the fine-tuned model) drawn as stars."""
+    # deferred: matplotlib costs ~2 s, and the CLI imports this module for --help
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,8 +198,6 @@ def report_markdown(runs: dict, rows: dict) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mdu_dist.eval.run import write_atomic
-
     runs, rows = gather(args.paths, args.label)
     text = report_markdown(runs, rows)
     print(text, end="")

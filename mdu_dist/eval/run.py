@@ -34,9 +34,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
+from mdu_dist import distributed
+from mdu_dist.checkpoint.convert import load_hf_into_stage
+from mdu_dist.checkpoint.dist import load_model_checkpoint
+from mdu_dist.checkpoint.hf import open_hf_checkpoint
+from mdu_dist.checkpoint.lora import load_lora_checkpoint, read_lora_info
 from mdu_dist.checkpoint.source import resolve_checkpoint
+from mdu_dist.data import QA, DataError, encode_pair, load_tokenizer, qa_row, read_rows
+from mdu_dist.distributed import device, resolve_layout
 from mdu_dist.errors import ConfigError
+from mdu_dist.eval import metrics as M
+from mdu_dist.eval.likelihood import ElboEstimate, sample_masks, score_packed
+from mdu_dist.eval.sampler import dream_generate, generate, left_pad
+from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
+from mdu_dist.launch.local import launched_world_size, run_ranks
+from mdu_dist.models.mcore import build_stage
 
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
 
@@ -60,8 +75,6 @@ class Item:
 
 def load_items(split: str, source: str, tofu_dir: str, limit: int, question_key: str = "question",
                answer_key: str = "answer") -> list[Item]:
-    from mdu_dist.data import DataError, qa_row, read_rows
-
     where, rows = read_rows(source, tofu_dir)
     items = []
     for n, row in enumerate(rows, 1):
@@ -90,8 +103,6 @@ def split_items(cfg, split: str) -> list[Item]:
 
 
 def resolve_tokenizer(cfg, ckpt: Path) -> Path:
-    from mdu_dist.data import DataError
-
     if cfg.eval.tokenizer:
         return Path(cfg.eval.tokenizer)
     for candidate in (ckpt / "hf_files", ckpt):
@@ -104,9 +115,6 @@ def check_inputs(cfg) -> None:
     """Everything that can fail before a process starts or anything is written: the output directory, PP, the
     checkpoint (its architecture and shapes against the model config), the tokenizer (against the vocabulary),
     the data (every ELBO sequence within eval.tokens_per_batch), the retain-model file."""
-    from mdu_dist.data import load_tokenizer
-    from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
-
     check_output_dir(cfg.eval.output_dir, "eval.output_dir")
     if cfg.parallel.pipeline != 1:
         raise ConfigError(f"mdu-dist eval runs on tensor-parallel ranks only: parallel.pipeline="
@@ -127,8 +135,6 @@ def check_inputs(cfg) -> None:
 def retain_model_truth_ratios(path: str, forget: list[Item] | None = None) -> list[float]:
     """The retain-only model's per-item forget truth ratios; with ``forget``, refused unless it scored the same
     forget questions (a KS test against another forget set would compare unrelated populations)."""
-    from mdu_dist.data import DataError
-
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: retain-model eval file not found (eval.retain_model_eval)")
@@ -155,18 +161,13 @@ class Evaluator:
     """One model on this rank's TP slice; ``logits`` is the full forward of the (PP = 1) stage."""
 
     def __init__(self, cfg, ckpt: Path, kind: str, tokenizer_dir: Path):
+        # deferred: megatron-core costs seconds of start-up; the CLI imports this module for --help
         from megatron.core import parallel_state as ps
-
-        from mdu_dist.data import load_tokenizer
-        from mdu_dist.inputs import check_tokenizer_fits
-        from mdu_dist.models.mcore import build_stage
 
         self.cfg, self.e, m = cfg, cfg.eval, cfg.model
         self.tok = load_tokenizer(tokenizer_dir)
         check_tokenizer_fits(self.tok, tokenizer_dir, m.vocab_size)
         if kind == "lora":
-            from mdu_dist.checkpoint.lora import load_lora_checkpoint, read_lora_info
-
             info = read_lora_info(ckpt)
             self.stage = build_stage(m, lora=info.lora).eval()
             load_lora_checkpoint(self.stage, info)
@@ -174,13 +175,8 @@ class Evaluator:
         else:
             self.stage = build_stage(m).eval()
         if kind == "dist":
-            from mdu_dist.checkpoint.dist import load_model_checkpoint
-
             load_model_checkpoint(self.stage, ckpt)
         elif kind == "hf":
-            from mdu_dist.checkpoint.convert import load_hf_into_stage
-            from mdu_dist.checkpoint.hf import open_hf_checkpoint
-
             with open_hf_checkpoint(ckpt, m, m.arch) as reader:
                 load_hf_into_stage(self.stage, reader)
         tp = ps.get_tensor_model_parallel_world_size()
@@ -201,15 +197,11 @@ class Evaluator:
                pad: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those);
         ``pad`` marks padding, kept out of attention."""
-        from mdu_dist.distributed import device
-
         positions, pad = (None if t is None else t.to(device()) for t in (positions, pad))
         return self.stage(ids.to(device()), positions, pad).float()
 
     def nll(self, split: str, answers: list[tuple[int, str, torch.Tensor, torch.Tensor]]) -> dict[tuple, float]:
         """Per-token negative ELBO of each (row, which, prompt, answer), their samples packed into shared forwards."""
-        from mdu_dist.eval.likelihood import ElboEstimate, sample_masks, score_packed
-
         e, m = self.e, self.cfg.model
         triples = [(prompt, answer, sample_masks(answer.numel(), e.num_samples, _seed(e.seed, split, row, which)))
                    for row, which, prompt, answer in answers]
@@ -222,8 +214,6 @@ class Evaluator:
     def generate(self, prompts: list[list[int]]) -> list[str]:
         """Greedy generations of ``prompts`` (any lengths, left padded), one batch, cut at the first stop token
         and decoded."""
-        from mdu_dist.eval.sampler import dream_generate, generate, left_pad
-
         prompt, pad = left_pad(prompts, self.cfg.model.pad_token_id, self.e.gen_length)
         logits_fn = self.logits if pad is None else functools.partial(self.logits, pad=pad)
         common = dict(gen_length=self.e.gen_length, steps=self.e.steps, mask_token_id=self.cfg.model.mask_token_id,
@@ -252,8 +242,6 @@ class Evaluator:
 
 def encode(tok, max_length: int, question: str, answer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt ids, answer ids) of one question and answer, as training encodes them."""
-    from mdu_dist.data import QA, encode_pair
-
     ids, n_prompt = encode_pair(tok, QA(question, answer), max_length)
     ids = torch.tensor(ids, dtype=torch.long)
     if ids.numel() <= n_prompt:
@@ -329,8 +317,6 @@ def assign(units: list[Unit], replicas: int) -> list[list[Unit]]:
 
 def split_numbers(split: str, items: list[Item], results: dict) -> tuple[dict[str, float], dict[str, list]]:
     """The split's metrics and per-item numbers from the gathered unit ``results``."""
-    from mdu_dist.eval import metrics as M
-
     answer_nll = [results["nll", split, i, "answer"] for i in range(len(items))]
     correct_nll = [a if it.correct == it.answer else results["nll", split, i, "correct"]
                    for i, (a, it) in enumerate(zip(answer_nll, items))]
@@ -366,11 +352,8 @@ def evaluate(cfg) -> dict:
     Each split's units are divided over the DP replicas (``assign``); the TP ranks of a replica compute its units
     together; the results are all-gathered over the DP group, so every rank ends with every number.
     """
-    import torch.distributed as dist
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module for --help
     from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from mdu_dist.eval import metrics as M
 
     e = cfg.eval
     ckpt, kind = resolve_checkpoint(e.checkpoint)
@@ -456,10 +439,6 @@ def write_eval(result: dict, out: Path) -> None:
 
 def run_eval(cfg) -> dict:
     """Entry point of one rank: process groups, the evaluation, rank 0 writes eval.json / eval.md."""
-    import torch.distributed as dist
-
-    from mdu_dist import distributed
-
     distributed.init(cfg.parallel, cfg.model)
     try:
         result = evaluate(cfg)
@@ -473,9 +452,6 @@ def run_eval(cfg) -> dict:
 def main_eval(cfg, nproc: int | None = None) -> dict:
     """``mdu-dist eval`` from a parent process: validated inputs, then ``nproc`` local ranks (default TP; TP x DP)
     or this launcher's ranks."""
-    from mdu_dist.distributed import resolve_layout
-    from mdu_dist.launch.local import launched_world_size, run_ranks
-
     world = nproc or launched_world_size() or cfg.parallel.tensor
     check_inputs(cfg)
     resolve_layout(world, cfg.parallel, cfg.model)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mdu_dist.checkpoint.source import load_job_config
+from mdu_dist.config import ConfigError, to_dict
+from mdu_dist.eval.run import check_inputs
+from mdu_dist.inputs import check_job
+
 JOBS = ("finetune", "unlearn", "eval")
 # --flag -> launch.key: the common settings get flags; every other one is a launch.key=value override.
 FLAGS = {"executor": "executor", "nodes": "nodes", "gpus_per_node": "gpus_per_node",
@@ -23,12 +28,9 @@ def _output_key(job: str) -> str:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    # deferred: submitit and the launch plan cost ~0.2 s of --help, which does not need them
     import submitit
 
-    from mdu_dist.checkpoint.source import load_job_config
-    from mdu_dist.config import ConfigError, to_dict
-    from mdu_dist.eval.run import check_inputs
-    from mdu_dist.inputs import check_job
     from mdu_dist.launch.plan import (build_executor, job_output_dir, log_folder, parse_sweep, plan_for,
                                       point_output_dir, writer_rank)
     from mdu_dist.launch.task import TrainTask

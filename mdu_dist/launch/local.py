@@ -11,13 +11,20 @@ ConfigError keeps its one-line message) is raised in the caller.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue as queue_module
+import signal
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.data import DataError
@@ -46,9 +53,6 @@ def _die_with_parent(parent_pid: int) -> None:
     """Linux: have the kernel kill this worker when its parent dies, so that a killed run (Ctrl-C, SIGTERM from
     a scheduler, SIGKILL) leaves no rank behind burning cores or GPU memory."""
     try:
-        import ctypes
-        import signal
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the parent's finally still reaps its workers on normal exits
         return
@@ -66,9 +70,6 @@ def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, 
                       OMP_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
     if cpu_only:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import warnings
-
-    import torch
 
     # Library chatter that says nothing about the conversion (fallbacks, deprecations inside megatron/DCP).
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
@@ -84,8 +85,6 @@ def _entry(rank: int, world_size: int, port: int, threads: int, cpu_only: bool, 
         kind = type(e) if isinstance(e, _ONE_LINE_ERRORS) else "crash"
         results.put((rank, (kind, str(e), traceback.format_exc()), None))
     finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -100,8 +99,6 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float | None =
             raise CheckpointError(f"started by a launcher with {launched} processes, but this job was asked to "
                                   f"run on {world_size} (--nproc): launch {world_size} or leave --nproc out")
         return [fn(*args)]
-
-    import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -14,6 +14,7 @@ from typing import Any
 
 import submitit
 
+from mdu_dist.distributed import resolve_layout
 from mdu_dist.errors import ConfigError
 
 
@@ -37,8 +38,6 @@ def writer_rank(world_size: int, pipeline: int) -> int:
 
 def plan_for(cfg) -> Plan:
     """Tasks per node (one per GPU; TP x PP for a CPU job unless set) and a world size TP x PP x DP."""
-    from mdu_dist.distributed import resolve_layout
-
     launch, tp, pp = cfg.launch, cfg.parallel.tensor, cfg.parallel.pipeline
     tasks = launch.tasks_per_node or launch.gpus_per_node or (tp * pp if launch.nodes == 1 else 0)
     if tasks == 0:

@@ -11,6 +11,10 @@ import warnings
 from typing import Any
 
 import submitit
+import torch
+
+from mdu_dist.config import config_from_dict
+from mdu_dist.eval.run import run_eval
 
 
 def master_port(job_id: str) -> int:
@@ -51,9 +55,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.job = job
 
     def __call__(self) -> dict[str, float]:
-        import torch
-
-        from mdu_dist.config import config_from_dict
+        # deferred: the trainer imports megatron-core; `launch` only pickles this task
         from mdu_dist.trainer import run_job
 
         warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
@@ -64,8 +66,6 @@ class TrainTask(submitit.helpers.Checkpointable):
             # CPU ranks share the node's cores: one rank per task, cpus_per_task threads each.
             torch.set_num_threads(cfg.launch.cpus_per_task)
         if self.job == "eval":
-            from mdu_dist.eval.run import run_eval
-
             return {k: v for k, v in run_eval(cfg).items() if v is not None}
         return run_job(cfg, self.job)
 

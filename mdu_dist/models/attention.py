@@ -80,6 +80,7 @@ def core_attention(name: str) -> type:
     if name == "local":
         return DotProductAttention
     if name == "te":
+        # deferred: Transformer Engine is optional; only model.attention=te imports it
         try:
             import transformer_engine  # noqa: F401  megatron's TE wrappers import even without it
         except ImportError as e:

@@ -112,6 +112,7 @@ class Adapter(nn.Module):
     def __init__(self, target: Target, in_local: int, out_local: int, cfg: LoRAConfig, in_full: int,
                  tp_rank: int, group: dist.ProcessGroup | None, dtype: torch.dtype):
         super().__init__()
+        # deferred: megatron-core costs seconds of start-up; checkpoint.lora imports this module for every subcommand
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         self.target, self.group, self.in_full, self.tp_rank = target, group, in_full, tp_rank

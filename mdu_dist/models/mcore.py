@@ -17,6 +17,7 @@ from torch import nn
 
 from mdu_dist.config import LoRAConfig, ModelConfig
 from mdu_dist.models import ARCHS, masks
+from mdu_dist.models.lora import add_adapters
 
 
 # train.recompute -> megatron-core's activation recomputation. selective: the core attention is recomputed in
@@ -66,6 +67,7 @@ def moe_config(cfg: ModelConfig) -> dict:
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, dtype: torch.dtype = torch.float32,
                        recompute: str = "none"):
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module (via eval.run)
     from megatron.core.transformer import TransformerConfig
 
     if recompute not in RECOMPUTE:
@@ -112,6 +114,7 @@ def layer_spec(attention: str = "sdpa", config=None):
     and its core attention replaced by ``attention`` (``models.attention.core_attention``). Given the
     TransformerConfig of a mixture-of-experts model, the spec of this pipeline stage's block: its dense and MoE
     layers, each so changed."""
+    # deferred: megatron-core costs seconds of start-up (attention too); the CLI imports this module
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -135,6 +138,7 @@ def _define_te_general_gemm() -> None:
     """megatron-core 0.16.1's router gating (``moe_utils.RouterGatingLinearFunction``) tests
     ``te_general_gemm is not None`` but defines that name only when Transformer Engine imports: without it, define
     it as None so its plain torch.mm path runs (on GPUs without Transformer Engine as on CPU)."""
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module (via eval.run)
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -150,6 +154,7 @@ def _row_position_gpt_model() -> type:
     The table row of each (row, token) position id is gathered: [S, 1, 1, d] -> [S, B, 1, d], which megatron's
     RoPE broadcasts over the heads as before. Without ``position_ids`` it is GPTModel unchanged.
     """
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module (via eval.run)
     from megatron.core.models.gpt import GPTModel
 
     class RowPositionGPTModel(GPTModel):
@@ -256,6 +261,7 @@ def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32, recompute:
                 lora: LoRAConfig | None = None) -> DiffusionLM:
     """Build this rank's stage of the model from megatron-core's (already initialised) parallel state; with
     ``lora`` enabled, its base frozen and LoRA adapters added (``models.lora.add_adapters``)."""
+    # deferred: megatron-core costs seconds of start-up; the CLI imports this module (via eval.run)
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
@@ -263,8 +269,6 @@ def build_stage(cfg: ModelConfig, dtype: torch.dtype = torch.float32, recompute:
     stage = DiffusionLM(cfg, tp, pp, pre_process=ps.is_pipeline_first_stage(),
                         post_process=ps.is_pipeline_last_stage(), tp_rank=tp_rank, dtype=dtype, recompute=recompute)
     if lora is not None and lora.enabled:
-        from mdu_dist.models.lora import add_adapters
-
         group = ps.get_tensor_model_parallel_group() if tp > 1 else None
         add_adapters(stage, lora, tp, tp_rank, pp, pp_rank, group, input_requires_grad=recompute == "full")
     return stage
