@@ -17,12 +17,15 @@ BEGIN, END = "<!-- results.md of make demo: begin -->", "<!-- results.md of make
 
 
 def pasted(readme: str, results: str) -> str:
-    """``readme`` with the text between the markers replaced by ``results``."""
+    """``readme`` with the text between the markers replaced by ``results`` (less its title: the README has one)."""
     if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
         raise ValueError(f"README.md must hold one {BEGIN} ... {END} block")
     head, rest = readme.split(BEGIN)
     _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n\n{results.strip()}\n\n{END}{tail}"
+    body = results.strip()
+    if body.startswith("# "):
+        body = body.split("\n", 1)[1].strip()
+    return f"{head}{BEGIN}\n\n{body}\n\n{END}{tail}"
 
 
 def main() -> int:
