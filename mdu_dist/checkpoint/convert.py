@@ -33,7 +33,7 @@ from mdu_dist.checkpoint.dist import (MANIFEST, MODEL_DIR, CheckpointInfo, progr
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import (CONFIG_FILE, HFCheckpointReader, arch_of_hf_config, open_hf_checkpoint,
                                     write_hf_checkpoint)
-from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, latest_checkpoint
+from mdu_dist.checkpoint.steps import TRAINER_STATE, latest_step_or_self
 from mdu_dist.config import ConfigError, ModelConfig, ParallelConfig, check_layout
 from mdu_dist.launch.local import run_ranks
 from mdu_dist.models import ARCHS
@@ -186,9 +186,8 @@ def model_checkpoint_dir(path: str | Path) -> tuple[Path, list[str]]:
     (``step-N/{model, deepspeed, trainer_state.json}``), or that of a run directory's latest complete step; with
     the names of what sits beside it there."""
     path = Path(path)
-    latest = latest_checkpoint(checkpoints_dir(path))
-    if not (path / MANIFEST).is_file() and latest is not None:
-        path = latest
+    if not (path / MANIFEST).is_file():
+        path = latest_step_or_self(path)
     if not (path / MANIFEST).is_file() and (path / "model" / MANIFEST).is_file():
         return path / "model", sorted(p.name for p in path.iterdir() if p.name != "model")
     return path, []

@@ -18,7 +18,7 @@ from mdu_dist.checkpoint.dist import MANIFEST, read_info
 from mdu_dist.checkpoint.errors import CheckpointError
 from mdu_dist.checkpoint.hf import CONFIG_FILE, MUST_MATCH, hf_model_keys, read_json
 from mdu_dist.checkpoint.lora import adapter_dir, is_lora_checkpoint, read_lora_info
-from mdu_dist.checkpoint.steps import checkpoints_dir, latest_checkpoint
+from mdu_dist.checkpoint.steps import latest_step_or_self
 from mdu_dist.config import Config, ConfigError, apply_overrides, config_from_dict, read_config_file
 
 # The key each job reads its starting weights from.
@@ -36,11 +36,7 @@ def resolve_checkpoint(path: str, key: str = "eval.checkpoint") -> tuple[Path, s
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{key}={path}: checkpoint directory not found")
-    for root in (p, checkpoints_dir(p)):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            p = latest
-            break
+    p = latest_step_or_self(p)
     if (p / "model" / MANIFEST).exists() and not (p / MANIFEST).exists():
         p = p / "model"
     p = adapter_dir(p)

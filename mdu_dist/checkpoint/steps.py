@@ -28,3 +28,13 @@ def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (``step-N`` with its ``trainer_state.json``)."""
     done = [p for p in root.glob("step-*") if (p / TRAINER_STATE).exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def latest_step_or_self(path: Path) -> Path:
+    """The latest complete ``step-N`` below ``path`` when it is a run directory (its ``checkpoints/``) or a
+    checkpoints directory; else ``path`` itself."""
+    for root in (path, checkpoints_dir(path)):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    return path
