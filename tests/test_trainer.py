@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mdu_dist.checkpoint.steps import TRAINER_STATE
+
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=96", "model.vocab_size=1000",
         "model.num_attention_heads=4", "model.num_query_groups=4", "model.make_vocab_size_divisible_by=8",
         "data.limit=8", "data.max_length=128", "optim.micro_batch_size=2", "optim.lr=1e-3",
@@ -101,6 +103,20 @@ def uninterrupted(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, out
 
 
+# Loaded by every interpreter of the killed run (PYTHONPATH): the rank SIGKILLs its process group just before it
+# would rename a fully written .step-3.partial into place -- mid-save at its latest point, without the race of a
+# poll that a LoRA save (a few KiB) finishes before.
+_KILL_BEFORE_RENAME = """
+import os, pathlib, signal
+_rename = pathlib.Path.rename
+def _rename_or_die(self, target):
+    if self.name == ".step-3.partial":
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    return _rename(self, target)
+pathlib.Path.rename = _rename_or_die
+"""
+
+
 @pytest.mark.parametrize("kill_when", ["training", "saving"])
 def test_sigkill_then_resume_replays_exactly(tmp_path, uninterrupted, kill_when):
     """SIGKILL while step 3 trains (step-2 just written) or while step 3 is being saved; then resume."""
@@ -108,14 +124,24 @@ def test_sigkill_then_resume_replays_exactly(tmp_path, uninterrupted, kill_when)
     args = [*RESUME_ARGS, *MODES[mode]]
     cut = tmp_path / "cut"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path("build/torch_extensions").absolute())}
+    if kill_when == "saving":
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(_KILL_BEFORE_RENAME)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "mdu_dist.cli", *args, f"train.output_dir={cut}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    trigger = cut / "checkpoints" / ("step-2" if kill_when == "training" else ".step-3.partial")
-    deadline = time.monotonic() + 300
-    while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the CLI and its rank
-    proc.wait()
+    if kill_when == "saving":
+        assert proc.wait(timeout=300) == -signal.SIGKILL
+        trigger = cut / "checkpoints" / ".step-3.partial"
+        assert (trigger / TRAINER_STATE).exists(), "the kill came before step 3 was fully written"
+    else:
+        trigger = cut / "checkpoints" / "step-2"
+        deadline = time.monotonic() + 300
+        while not trigger.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: the CLI and its rank
+        proc.wait()
     assert trigger.exists(), f"the run ended before {trigger.name} appeared"
     assert not (cut / "checkpoints" / "step-3").exists()
 
