@@ -5,13 +5,17 @@ PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all demo wheels gpu-check clean
+.PHONY: install test test-multinode test-all demo wheels gpu-check clean
 
 install:
 	@VENV=$(VENV) tools/install.sh
 
 test: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The slow multi-node tests: a real two-node Slurm on this machine (tests/slurm_cluster.py; root, ~7 min).
+test-multinode: install
+	$(PY) -m pytest -m slow tests/test_multinode.py $(PYTEST_ARGS)
 
 test-all: install
 	$(PY) -m pytest $(PYTEST_ARGS)
