@@ -1,5 +1,11 @@
-"""A LLaDA-MoE-7B-A1B config.json, written the way its HF repository's is, picks the ``llada_moe`` backbone and
-the values of ``configs/llada_moe_7b.yaml``.
+"""The released config.json files of the MoE backbones pick the right backbone and the values of their configs.
+
+LLaDA2.0 / 2.1-mini: the file as published (LLaDA2.1-mini's on its HF page; vllm-project/dllm-plugin keeps a
+copy of it, without model_type and auto_map, in tests/fixtures/llada2_mini/config.json) gives
+``configs/llada2_mini.yaml`` field for field.
+
+LLaDA-MoE-7B-A1B: a config.json written the way its HF repository's is picks ``llada_moe`` and the values of
+``configs/llada_moe_7b.yaml``.
 
 The released config.json could not be read here (docs/moe.md says what was searched), so this one is rebuilt:
 its keys are every attribute the repository's config class (``configuration_lladamoe.LLaDAConfig``, model_type
@@ -66,6 +72,25 @@ RELEASED_STYLE = {
 }
 DROP = object()  # a key left out of config.json
 
+LLADA2_MINI = {
+    "architectures": ["LLaDA2MoeModelLM"], "attention_dropout": 0.0,
+    "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                 "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                 "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+    "dtype": "bfloat16", "embedding_dropout": 0.0, "first_k_dense_replace": 1, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5120, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "model_type": "llada2_moe", "moe_intermediate_size": 512,
+    "moe_router_enable_expert_bias": True, "n_group": 8, "norm_head": False, "norm_softmax": False,
+    "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 256, "num_experts_per_tok": 8,
+    "num_hidden_layers": 20, "num_key_value_heads": 4, "num_shared_experts": 1, "output_dropout": 0.0,
+    "output_router_logits": False, "pad_token_id": 156892, "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 600000, "rotary_dim": 64, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
+    "score_function": "sigmoid", "sliding_window": 4096, "tie_word_embeddings": False, "topk_group": 4,
+    "transformers_version": "4.57.1", "use_bias": False, "use_cache": False, "use_qkv_bias": False,
+    "use_rmsnorm": True, "use_sliding_window": False, "using_split_qkv_in_self_attention": False,
+    "vocab_size": 157184,
+}
+
 
 def _write(tmp_path, **changes):
     hf = {**RELEASED_STYLE, **changes}
@@ -74,10 +99,21 @@ def _write(tmp_path, **changes):
     return tmp_path
 
 
-def _yaml_model():
+def _yaml_model(name="llada_moe_7b"):
     from mdu_dist.config import load_config
 
-    return load_config("configs/llada_moe_7b.yaml").model
+    return load_config(f"configs/{name}.yaml").model
+
+
+def test_the_released_llada2_mini_config_gives_the_mini_config(tmp_path):
+    from mdu_dist.checkpoint.hf import arch_of_hf_config
+    from mdu_dist.checkpoint.source import load_job_config
+
+    (tmp_path / "config.json").write_text(json.dumps(LLADA2_MINI, indent=2) + "\n")
+    assert arch_of_hf_config(LLADA2_MINI) == "llada2"
+    cfg = load_job_config(None, [f"train.init={tmp_path}"], "unlearn")
+    # Its mask and EOS ids are not in config.json: the tokenizer's <|mask|> 156895 and <|endoftext|> 156892.
+    assert dataclasses.asdict(cfg.model) == dataclasses.asdict(_yaml_model("llada2_mini"))
 
 
 def test_the_rebuilt_file_has_the_released_size(tmp_path):
