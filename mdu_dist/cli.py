@@ -21,7 +21,7 @@ from mdu_dist.distributed import process_env, resolve_layout
 from mdu_dist.eval.run import main_eval
 from mdu_dist.inputs import check_job
 from mdu_dist.launch.local import launched_world_size, run_ranks
-from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
+from mdu_dist.models.dense import canonical_shapes, count_active_parameters, count_parameters, init_weights
 from mdu_dist.models.arch import is_moe_layer
 from mdu_dist.models.mcore_layout import layer_range, shard
 
@@ -65,6 +65,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"active parameters per token: {active:,} ({active / 1e9:.3f}e9): {m.moe_topk} of {m.moe_num_experts} "
               f"routed experts in layers {m.moe_dense_layers}..{m.num_layers - 1}"
               + (", plus the shared expert" if m.moe_shared_ffn_hidden_size else ""))
+        # Model cards may leave out the input embedding (a row lookup per token): LLaDA-MoE's "1.4B active".
+        rows, width = canonical_shapes(m)["embed"]
+        lookup = rows * width
+        print(f"  without the input embedding ({rows} x {width}): {total - lookup:,} "
+              f"({(total - lookup) / 1e9:.3f}e9) in all, {active - lookup:,} ({(active - lookup) / 1e9:.3f}e9) active")
     weights = init_weights(m, device="meta")
     for pp_rank in range(pp):
         state = shard(m, weights, tp, 0, pp, pp_rank)

@@ -48,6 +48,23 @@ def test_info_prints_total_and_active_parameters_of_the_real_configs(name, capsy
     assert (round(total / 1e9, 2), round(active / 1e9, 2)) == expected  # the sizes the model cards state, roughly
 
 
+def test_llada_moe_counts_against_its_published_sizes(capsys):
+    """LLaDA-MoE-7B-A1B's model card says 7B parameters, 1.4B active; its Base repository lists three bf16
+    shards of 5 GB, 5 GB and 4.72 GB (shown to two decimals; a shard is at most 5e9 bytes, save_pretrained's
+    default). The count above matches them (an untied head and 157184 rows; a tied one would be 14.07 GB), and "1.4B active" is the active count without the
+    input embedding, a row lookup: 1.398e9 (1.720e9 with it; 1.076e9, the "A1B", without the head either)."""
+    total, active = REAL["llada_moe_7b"]
+    lookup = 157184 * 2048
+    shown = (2 * 4.995e9 + 4.715e9, 2 * 5e9 + 4.725e9 + 1e6)  # + the three safetensors headers, under 1 MB
+    assert shown[0] <= 2 * total <= shown[1]
+    assert not shown[0] <= 2 * (total - lookup) <= shown[1]
+    assert (round((active - lookup) / 1e9, 1), round((total - lookup) / 1e9), round((active - 2 * lookup) / 1e9)) \
+        == (1.4, 7, 1)
+    assert main(["info", "--config", "configs/llada_moe_7b.yaml"]) == 0
+    assert (f"without the input embedding (157184 x 2048): {total - lookup:,} ({(total - lookup) / 1e9:.3f}e9) in "
+            f"all, {active - lookup:,} (1.398e9) active") in capsys.readouterr().out
+
+
 def test_moe_activation_term_by_hand():
     from mdu_dist.config import load_config
     from mdu_dist.plan import layer_activation_bytes

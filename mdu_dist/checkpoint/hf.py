@@ -73,7 +73,8 @@ _HF_KEYS: dict[str, dict[str, str]] = {
 _OPTIONAL: dict[str, dict[str, Any]] = {
     "llada2": {"mask_token_id": 156895, "eos_token_id": 156892, "moe_expert_bias": True, "rotary_percent": 1.0,
                "moe_num_groups": 0, "moe_group_topk": 0, "moe_topk_scaling": 1.0, "moe_dense_layers": 0},
-    "llada_moe": {"mask_token_id": 156895, "eos_token_id": 156892, "rotary_percent": 1.0},
+    # Not partial_rotary_factor: LLaDAConfig defaults it to -1, which makes its RoPE rotate no dimension at all.
+    "llada_moe": {"mask_token_id": 156895, "eos_token_id": 156892},
 }
 
 # config.json entries that describe the maths mdu-dist implements; a checkpoint that sets them otherwise is
@@ -93,13 +94,18 @@ _FIXED: dict[str, dict[str, Any]] = {
         "use_bias": False, "use_qk_norm": True, "score_function": "sigmoid", "norm_topk_prob": True,
         "rope_scaling": None,
     },
+    # Not moe_router_score_function nor norm_topk_prob: modeling_lladamoe.py always takes a softmax over all
+    # experts and never renormalises the top-k, whatever they say.
     "llada_moe": {
         "architectures": ["LLaDAMoEModelLM"], "hidden_act": "silu", "tie_word_embeddings": False,
-        "attention_bias": False, "qk_layernorm": True, "moe_router_score_function": "softmax",
-        "moe_router_enable_expert_bias": False, "clip_qkv": None, "rope_scaling": None,
+        "attention_bias": False, "qk_layernorm": True, "moe_router_enable_expert_bias": False, "clip_qkv": None,
+        "rope_scaling": None,
     },
 }
 _IDENTITY_KEYS = ("model_type", "architectures")  # checked even when absent from config.json
+# Keys the backbone's HF code reads as truth values (``if config.qk_layernorm:``), whose config class defaults
+# them to None: null or absent is false, and is checked as such.
+_READ_AS_BOOL = {"llada_moe": ("qk_layernorm", "moe_router_enable_expert_bias")}
 _ARCHITECTURES = {"llada": ["LLaDAModelLM"], "dream": ["DreamModel"], "llada2": ["LLaDA2MoeModelLM"],
                   "llada_moe": ["LLaDAMoEModelLM"]}
 # ModelConfig fields each backbone fixes: LLaDA never has biases, Dream (Qwen2) always q/k/v biases; the MoE
@@ -145,6 +151,7 @@ def model_config_to_hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float
         hf["n_group"], hf["topk_group"] = cfg.moe_num_groups or 1, cfg.moe_group_topk or 1
     elif cfg.arch == "llada_moe":
         hf["model_type"] = "lladamoe"  # what dllm's LLaDA-MoE code registers under
+        hf["moe_router_score_function"] = "softmax"  # what its router is; modeling_lladamoe.py never reads the key
         hf["moe_layer_freq"] = [0] * cfg.moe_dense_layers + [1] * (cfg.num_layers - cfg.moe_dense_layers)
         hf["shared_expert_intermediate_size"] = cfg.moe_shared_ffn_hidden_size or None
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
@@ -161,9 +168,11 @@ def _derived(hf: Mapping[str, Any], arch: str, source: str) -> dict[str, Any]:
         return out
     if arch == "llada_moe":
         freq = hf.get("moe_layer_freq")
-        if not isinstance(freq, list) or sorted(freq) != freq or set(freq) - {0, 1} or 1 not in freq:
+        layers = hf.get("num_hidden_layers")
+        if (not isinstance(freq, list) or sorted(freq) != freq or set(freq) - {0, 1} or 1 not in freq
+                or len(freq) != layers):
             raise ConfigError(f"{source}: moe_layer_freq={freq!r}: mdu-dist runs dense layers (0) first, then MoE "
-                              f"layers (1), as a list of one entry per layer")
+                              f"layers (1), as a list of one entry per layer (num_hidden_layers={layers!r})")
         return {"moe_dense_layers": freq.count(0), "moe_shared_ffn_hidden_size": hf.get("shared_expert_intermediate_size") or 0}
     return {}
 
@@ -172,9 +181,11 @@ def hf_config_to_model_config(hf: Mapping[str, Any], arch: str, source: str = CO
     """ModelConfig described by a config.json dict; ConfigError naming ``source`` and the key otherwise."""
     if arch not in _HF_KEYS:
         raise ConfigError(f"{source}: unknown arch {arch!r} (known: {sorted(_HF_KEYS)})")
+    as_bool = _READ_AS_BOOL.get(arch, ())
     for key, want in _FIXED[arch].items():
-        if key in _IDENTITY_KEYS or key in hf:
-            if hf.get(key) != want:
+        if key in _IDENTITY_KEYS or key in as_bool or key in hf:
+            got = bool(hf.get(key)) if key in as_bool else hf.get(key)
+            if got != want:
                 raise ConfigError(f"{source}: {key}={hf.get(key)!r} but a {arch} checkpoint has {key}={want!r}")
     fields: dict[str, Any] = {"arch": arch, **_ARCH_FIELDS[arch]}
     optional = _OPTIONAL.get(arch, {})
