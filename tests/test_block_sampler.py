@@ -169,7 +169,7 @@ def test_block_equals_transcription_of_llada20(steps, gen_length, threshold):
 
 
 @pytest.mark.parametrize("gen_length,threshold,editing_threshold,max_post_steps",
-                         [(8, 0.5, 0.3, 16), (6, 0.4, 0.5, 2), (8, 0.95, 0.9, 0), (12, 0.6, 0.2, 3)])
+                         [(8, 0.5, 0.3, 6), (6, 0.4, 0.5, 2), (8, 0.95, 0.9, 0), (12, 0.6, 0.2, 3)])
 def test_block_edit_equals_transcription_of_llada21(gen_length, threshold, editing_threshold, max_post_steps):
     stats = {"threshold": 0, "top_k": 0, "edits": 0}
     want = [llada21_reference(p, gen_length, threshold, editing_threshold, max_post_steps, stats) for p in PROMPTS]
@@ -183,7 +183,7 @@ def test_block_edit_equals_transcription_of_llada21(gen_length, threshold, editi
 
 def test_editing_changes_the_output():
     # Otherwise the editing test could pass with editing ignored.
-    common = dict(steps=1, threshold=0.5, max_post_steps=16, **_common(8))
+    common = dict(steps=1, threshold=0.5, max_post_steps=4, **_common(8))
     edited = block_generate(rows_alone, PROMPTS, editing_threshold=0.3, **common)
     unedited = block_generate(rows_alone, PROMPTS, editing_threshold=1.0, **common)
     assert not torch.equal(edited, unedited)
