@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mdu_dist.eval.sampler import (_check_temperature, candidate_logits, choose_tokens, gumbel_noise,
+from mdu_dist.eval.sampler import (candidate_logits, check_temperature, choose_tokens, gumbel_noise,
                                    num_transfer_tokens, transfer_most_confident)
 
 # (ids [B, W], positions bool [B, W], pad bool [B, W] or None) -> [N, V_local] logits at the True positions,
@@ -95,7 +95,7 @@ def block_generate(logits_fn: BlockLogitsFn, prompts: list[list[int]], *, gen_le
                    group: dist.ProcessGroup | None = None) -> Tensor:
     """``gen_length`` tokens after each of ``prompts`` (any lengths), [B, gen_length]: LLaDA2.0's rule, or with
     ``editing_threshold`` LLaDA2.1's (module docstring; ``steps`` is 2.0's, ``max_post_steps`` 2.1's)."""
-    _check_temperature(temperature, generator)
+    check_temperature(temperature, generator)
     if steps < 1 or max_post_steps < 0:
         raise ValueError(f"steps={steps} must be >= 1 and max_post_steps={max_post_steps} >= 0")
     canvas = block_canvas(prompts, gen_length=gen_length, block_size=block_size, mask_token_id=mask_token_id,
