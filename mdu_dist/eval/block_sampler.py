@@ -2,8 +2,8 @@
 with its editing of placed tokens), vocab-parallel, for prompts of any lengths in one batch.
 
 The canvas is prompt ⊕ [MASK]^G, cut into blocks of B = ``block_size`` positions counted from 0 at the prompt's
-first token, and padded with masks to a whole number of blocks. The blocks from the one holding the prompt's last
-token (B - P mod B of its positions are masks) onwards are decoded in order, block n seeing positions 0 .. (n+1)B
+first token, and padded with masks to a whole number of blocks. The blocks from floor(P / B) on (the first holds
+the prompt's last P mod B tokens, the rest of it masks) are decoded in order, block n seeing positions 0 .. (n+1)B
 only (the window), under the block-causal mask (``model.block_size`` = B, ``models.masks``): a block attends
 bidirectionally to itself and to every earlier block. Each forward predicts, at every position of block n,
 
