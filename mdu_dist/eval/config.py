@@ -33,7 +33,7 @@ class EvalConfig:
     batch_size: int = 128  # ELBO sample sequences per forward, at most (tokens_per_batch binds above 64 tokens)
     tokens_per_batch: int = 8192  # ELBO tokens per forward (rows x longest row), answers packed together
     gen_length: int = 128  # generated tokens for ROUGE
-    steps: int = 128  # sampler steps (over the whole generation)
+    steps: int = 128  # sampler steps over the whole generation (not block / block_edit: block_steps)
     block_length: int = 32  # semi-autoregressive block length (low_confidence only; Dream's samplers use none)
     sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream) | block | block_edit
     #                    (LLaDA2.0 / 2.1, blocks of model.block_size); "" = the backbone's
