@@ -125,6 +125,7 @@ def test_packed_answers_equal_one_sample_per_forward(checkpoint, single, tmp_pat
     (["eval.checkpoint=CKPT", "eval.retain_model_eval=/nonexistent/eval.json"], "retain-model eval file not found"),
     (["eval.checkpoint=CKPT", "eval.tokens_per_batch=8"], "eval.tokens_per_batch=8 is smaller than one ELBO sequence"),
     (["eval.tokens_per_batch=0"], "eval.tokens_per_batch=0 must be >= 1"),
+    (["eval.checkpoint=CKPT", "eval.sampler=block"], "eval.sampler=block decodes blocks of model.block_size, which is 0"),
 ])
 def test_bad_input_one_line(checkpoint, single, tmp_path, args, message, options=()):
     args = [a.replace("CKPT", str(checkpoint)).replace("SINGLE", str(single)) for a in args]
@@ -149,6 +150,19 @@ def test_dream_sampler_on_request(checkpoint, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["config"]["sampler"] == "entropy"
     assert len(result["items"]["forget"]["generation"]) == 2
+
+
+@pytest.mark.parametrize("sampler", ["block", "block_edit"])
+def test_llada2_block_sampler_on_request(checkpoint, tmp_path, sampler):
+    # LLaDA2's samplers decode blocks of model.block_size (block-causal attention); eval.json names the sampler.
+    out = tmp_path / sampler
+    _cli("eval", "--config", "configs/llada_tiny.yaml", *TINY, *FAST_EVAL, "eval.limit=2", "eval.splits=[forget]",
+         f"eval.sampler={sampler}", "model.block_size=4", "eval.threshold=0.5", f"eval.checkpoint={checkpoint}",
+         f"eval.output_dir={out}")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["config"]["sampler"] == sampler and result["config"]["model"]["block_size"] == 4
+    assert result["config"]["eval"]["threshold"] == 0.5
+    assert len(result["items"]["forget"]["generation"]) == 2 and 0 <= result["metrics"]["forget_Q_A_ROUGE"] <= 1
 
 
 @pytest.mark.slow

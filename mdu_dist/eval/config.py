@@ -10,9 +10,11 @@ from mdu_dist.errors import ConfigError
 
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 # How each backbone's authors evaluate it: LLaDA's low-confidence remasking, Dream's diffusion_generate(alg="entropy").
-# LLaDA2 and LLaDA-MoE: full bidirectional attention here (docs/moe.md), so LLaDA's block-wise low-confidence one.
+# LLaDA-MoE: full bidirectional attention, so LLaDA's block-wise low-confidence one. LLaDA2 too when "" (its own,
+# ``block``, needs model.block_size > 0: configs/llada2*.yaml name it).
 DEFAULT_SAMPLER = {"llada": "low_confidence", "dream": "entropy", "llada2": "low_confidence", "llada_moe": "low_confidence"}
-SAMPLERS = ("low_confidence", "entropy", "maskgit_plus", "topk_margin")
+BLOCK_SAMPLERS = ("block", "block_edit")  # LLaDA2.0's / LLaDA2.1's generate (mdu_dist.eval.block_sampler)
+SAMPLERS = ("low_confidence", "entropy", "maskgit_plus", "topk_margin", *BLOCK_SAMPLERS)
 
 
 @dataclass
@@ -31,9 +33,14 @@ class EvalConfig:
     batch_size: int = 128  # ELBO sample sequences per forward, at most (tokens_per_batch binds above 64 tokens)
     tokens_per_batch: int = 8192  # ELBO tokens per forward (rows x longest row), answers packed together
     gen_length: int = 128  # generated tokens for ROUGE
-    steps: int = 128  # sampler steps (over the whole generation)
+    steps: int = 128  # sampler steps over the whole generation (not block / block_edit: block_steps)
     block_length: int = 32  # semi-autoregressive block length (low_confidence only; Dream's samplers use none)
-    sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream); "" = the backbone's
+    sampler: str = ""  # low_confidence (LLaDA) | entropy | maskgit_plus | topk_margin (Dream) | block | block_edit
+    #                    (LLaDA2.0 / 2.1, blocks of model.block_size); "" = the backbone's
+    block_steps: int = 32  # block: denoising steps per block (LLaDA2's steps)
+    threshold: float = 0.95  # block / block_edit: unmask every masked token whose probability exceeds this
+    editing_threshold: float = 0.9  # block_edit: re-place a placed token whose new prediction exceeds this
+    max_post_steps: int = 16  # block_edit: editing forwards per block after its last mask
     gen_batch_size: int = 16  # generations per forward (prompts of any length, left padded)
     retain_model_eval: str = ""  # eval.json of a retain-only model: its forget truth ratios give forget quality
     output_dir: str = "runs/eval"
@@ -45,9 +52,14 @@ class EvalConfig:
         if bad or not self.splits:
             raise ConfigError(f"{where}.splits={self.splits}: each must be one of {', '.join(SPLITS)}")
         for name in ("num_samples", "batch_size", "tokens_per_batch", "gen_length", "steps", "block_length",
-                     "gen_batch_size"):
+                     "gen_batch_size", "block_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}={getattr(self, name)} must be >= 1")
+        for name in ("threshold", "editing_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{where}.{name}={getattr(self, name)} must be in [0, 1]")
+        if self.max_post_steps < 0:
+            raise ConfigError(f"{where}.max_post_steps={self.max_post_steps} must be >= 0")
         if self.limit < 0:
             raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
         if self.sampler and self.sampler not in SAMPLERS:
@@ -56,6 +68,13 @@ class EvalConfig:
 
     def sampler_for(self, arch: str) -> str:
         return self.sampler or DEFAULT_SAMPLER[arch]
+
+    def check_block_size(self, arch: str, block_size: int, where: str = "eval") -> None:
+        """LLaDA2's samplers decode blocks of the model's block-causal attention: refused without one. Checked by
+        ``mdu-dist eval`` only, so a config naming them loads for training whatever its model.block_size."""
+        if self.sampler_for(arch) in BLOCK_SAMPLERS and block_size < 1:
+            raise ConfigError(f"{where}.sampler={self.sampler_for(arch)} decodes blocks of model.block_size, which "
+                              f"is {block_size}: set model.block_size (LLaDA2: 32) or another {where}.sampler")
 
     def check_sampler(self, arch: str, where: str = "eval") -> None:
         """The block layout only constrains LLaDA's semi-autoregressive sampler."""

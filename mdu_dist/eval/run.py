@@ -47,6 +47,8 @@ from mdu_dist.data import QA, DataError, encode_pair, load_tokenizer, qa_row, re
 from mdu_dist.distributed import device, resolve_layout
 from mdu_dist.errors import ConfigError
 from mdu_dist.eval import metrics as M
+from mdu_dist.eval.block_sampler import block_generate
+from mdu_dist.eval.config import BLOCK_SAMPLERS
 from mdu_dist.eval.likelihood import ElboEstimate, sample_masks, score_packed
 from mdu_dist.eval.sampler import dream_generate, generate, left_pad
 from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
@@ -116,6 +118,7 @@ def check_inputs(cfg) -> None:
     checkpoint (its architecture and shapes against the model config), the tokenizer (against the vocabulary),
     the data (every ELBO sequence within eval.tokens_per_batch), the retain-model file."""
     check_output_dir(cfg.eval.output_dir, "eval.output_dir")
+    cfg.eval.check_block_size(cfg.model.arch, cfg.model.block_size)
     if cfg.parallel.pipeline != 1:
         raise ConfigError(f"mdu-dist eval runs on tensor-parallel ranks only: parallel.pipeline="
                           f"{cfg.parallel.pipeline} is not supported (set parallel.pipeline=1; any saved "
@@ -214,14 +217,21 @@ class Evaluator:
     def generate(self, prompts: list[list[int]]) -> list[str]:
         """Greedy generations of ``prompts`` (any lengths, left padded), one batch, cut at the first stop token
         and decoded."""
-        prompt, pad = left_pad(prompts, self.cfg.model.pad_token_id, self.e.gen_length)
-        logits_fn = self.logits if pad is None else functools.partial(self.logits, pad=pad)
-        common = dict(gen_length=self.e.gen_length, steps=self.e.steps, mask_token_id=self.cfg.model.mask_token_id,
-                      vocab_size=self.cfg.model.vocab_size, vocab_start=self.stage.vocab_start, group=self.group)
-        if self.sampler == "low_confidence":
-            tokens = generate(logits_fn, prompt, block_length=self.e.block_length, **common)
+        e, m = self.e, self.cfg.model
+        common = dict(gen_length=e.gen_length, mask_token_id=m.mask_token_id, vocab_size=m.vocab_size,
+                      vocab_start=self.stage.vocab_start, group=self.group)
+        if self.sampler in BLOCK_SAMPLERS:
+            tokens = block_generate(self.logits, prompts, block_size=m.block_size, steps=e.block_steps,
+                                    threshold=e.threshold, max_post_steps=e.max_post_steps,
+                                    editing_threshold=e.editing_threshold if self.sampler == "block_edit" else None,
+                                    pad_token_id=m.pad_token_id, eos_token_id=m.eos_token_id, **common)
         else:
-            tokens = dream_generate(logits_fn, prompt, alg=self.sampler, **common)
+            prompt, pad = left_pad(prompts, m.pad_token_id, e.gen_length)
+            logits_fn = self.logits if pad is None else functools.partial(self.logits, pad=pad)
+            if self.sampler == "low_confidence":
+                tokens = generate(logits_fn, prompt, steps=e.steps, block_length=e.block_length, **common)
+            else:
+                tokens = dream_generate(logits_fn, prompt, steps=e.steps, alg=self.sampler, **common)
         out = []
         for seq in tokens.cpu().tolist():
             cut = next((k for k, t in enumerate(seq) if t in self.stops), len(seq))

@@ -108,7 +108,7 @@ def gumbel_noise(shape: tuple[int, ...], temperature: float, *, vocab_start: int
     return torch.nn.functional.pad(local, (0, vocab_local - local.shape[-1]))
 
 
-def _check_temperature(temperature: float, generator: torch.Generator | None) -> None:
+def check_temperature(temperature: float, generator: torch.Generator | None) -> None:
     if temperature < 0 or (temperature > 0 and generator is None):
         raise ValueError(f"temperature={temperature}: must be >= 0, and > 0 needs a generator")
 
@@ -129,7 +129,7 @@ def generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, steps: int
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps={steps} is not a multiple of the number of blocks ({num_blocks})")
-    _check_temperature(temperature, generator)
+    check_temperature(temperature, generator)
     steps_per_block = steps // num_blocks
     batch, n_prompt = prompt.shape
     x = torch.cat([prompt, prompt.new_full((batch, gen_length), mask_token_id)], dim=1)
@@ -215,7 +215,7 @@ def dream_generate(logits_fn: LogitsFn, prompt: Tensor, *, gen_length: int, step
     """Generate ``gen_length`` tokens after ``prompt`` [B, P] with Dream's ``alg`` (module docstring)."""
     if alg not in DREAM_ALGS:
         raise ValueError(f"alg={alg!r}: must be one of {', '.join(DREAM_ALGS)}")
-    _check_temperature(temperature, generator)
+    check_temperature(temperature, generator)
     if not 0 < eps < 1:
         raise ValueError(f"eps={eps}: must be in (0, 1)")
     batch, n_prompt = prompt.shape
