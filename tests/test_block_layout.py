@@ -326,3 +326,98 @@ def test_block_elbo_matches_the_blockwise_reference():
     (result,) = run_distributed(_elbo_run, 1)
     assert result["n"] == 9
     assert result["worst"] <= 1e-5, result
+
+
+def _methods_run() -> dict:
+    """Every method's loss and gradients in the block layout (one process) against a float64 reference: a row's
+    log-likelihood = minus the mean CE over its masked tokens of the blockwise logits (the frozen reference's
+    rows from the reference's weights), fed to the ``losses.baselines`` kernels (tests/test_baselines.py), plus
+    alpha x dFactory's SFT loss on the retain rows."""
+    from mdu_dist import distributed
+    from mdu_dist.layout import Layout
+    from mdu_dist.losses import baselines
+    from mdu_dist.methods import METHODS, MethodConfig, VocabShard, build_objective, microbatch_loss, prepare
+    from mdu_dist.models.dense import init_weights
+    from mdu_dist.models.mcore import build_stage
+    from mdu_dist.models.mcore_layout import load_shard, shard
+    from mdu_dist.models.paired import PolicyAndReference
+    from mdu_dist.pipeline import run_microbatches
+
+    cfg = _cfg("llada")
+    distributed.init(cfg.parallel)
+    results = {}
+    try:
+        m = cfg.model
+        policy_w, ref_w = init_weights(m, seed=3), init_weights(m, seed=4)
+        batch = _batch(m.vocab_size, m.pad_token_id)
+        batch["idk"] = batch["train"]
+        for name in (n for n in METHODS if n != "mdu"):  # MDU: test_block_layout_matches_the_recipe_in_float64
+            method = MethodConfig(name=name, alpha=ALPHA, beta=0.3, gamma=0.2)
+            objective = build_objective(method, m.mask_token_id, Layout("block", BLOCK))
+            policy = build_stage(m)
+            load_shard(policy.module, shard(m, policy_w, 1, 0, 1, 0))
+            ref = None
+            if objective.needs_reference:
+                ref = build_stage(m)
+                load_shard(ref.module, shard(m, ref_w, 1, 0, 1, 0))
+            mb = prepare(objective, batch, torch.Generator().manual_seed(11))
+            vocab = VocabShard(None, policy.vocab_start, m.vocab_size)
+
+            def loss_fn(x, logits):
+                loss, _ = microbatch_loss(objective, x, logits, vocab)
+                return loss, {"loss": loss.detach()}
+
+            losses = run_microbatches(PolicyAndReference(policy, ref), [mb], lambda stage, x: x.forward(stage),
+                                      loss_fn, seq_length=mb.ids.shape[1], micro_batch_size=mb.ids.shape[0])
+
+            leaves = {k: v.double().requires_grad_(True) for k, v in policy_w.items()}
+            frozen = {k: v.double() for k, v in ref_w.items()}
+            g = torch.Generator().manual_seed(11)
+            parts = ["forget"] + (["retain"] if name != "ga" else []) + (["idk"] if name == "dpo" else [])
+            draws = {part: official_draw(batch[part], g, m.mask_token_id) for part in parts}
+
+            def ce(part, weights):
+                masked, noisy = draws[part]
+                return _ce(blockwise_logits(m, weights, noisy, batch[part].input_ids), batch[part].input_ids), masked
+
+            def loglik(part, weights):  # a row with nothing masked (the recipe can draw none) scores 0
+                nll, masked = ce(part, weights)
+                return -(nll * masked).sum(1) / masked.sum(1).clamp(min=1)
+
+            ll = {"forget": loglik("forget", leaves)}
+            if name == "ga" or name == "graddiff":
+                forget = baselines.ga(ll["forget"])
+            elif name == "npo":
+                forget = baselines.npo(ll["forget"], loglik("forget", frozen), beta=0.3)
+            elif name == "simnpo":
+                forget = baselines.simnpo(ll["forget"], beta=0.3, gamma=0.2)
+            elif name == "dpo":
+                forget = baselines.dpo(loglik("idk", leaves), ll["forget"], loglik("idk", frozen),
+                                       loglik("forget", frozen), beta=0.3)
+            else:  # wga: each masked token's CE weighted by its detached probability ** beta, per-row means
+                nll, masked = ce("forget", leaves)
+                forget = -((torch.exp(-0.3 * nll.detach()) * nll * masked).sum(1) / masked.sum(1).clamp(min=1)).mean()
+            want = forget
+            if name != "ga":
+                nll, masked = ce("retain", leaves)
+                want = want + ALPHA * nll[masked].sum() / masked.sum()
+            want.backward()
+            worst = {"loss": abs(losses[0]["loss"].item() - want.item()) / abs(want.item())}
+            expected = shard(m, {k: v.grad for k, v in leaves.items()}, 1, 0, 1, 0)
+            for pname, param in policy.module.named_parameters():
+                w = expected[pname]
+                worst[pname] = (param.grad.double() - w).abs().max().item() / w.abs().max().item()
+            results[name] = worst
+    finally:
+        distributed.shutdown()
+    return results
+
+
+def test_every_baseline_in_the_block_layout_matches_float64():
+    from mdu_dist.methods import METHODS
+
+    (results,) = run_distributed(_methods_run, 1)
+    assert set(results) == set(METHODS) - {"mdu"}
+    for method, worst in results.items():
+        bad = {k: v for k, v in worst.items() if not v <= 1e-5}
+        assert not bad, f"{method}: relative errors above 1e-5: {bad}"
