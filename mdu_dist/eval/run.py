@@ -2,7 +2,8 @@
 
 Per split (forget, retain, real_authors, world_facts; each optionally limited to its first ``eval.limit`` rows):
 
-- probability: LLaDA's Monte-Carlo ELBO of the answer (``eval.num_samples`` draws; 128 for the real benchmark),
+- probability: LLaDA's Monte-Carlo ELBO of the answer (``eval.num_samples`` draws; 128 for the real benchmark;
+  block by block in LLaDA2's two-copy layout with ``data.layout=block``, ``eval.likelihood``),
   exp(-per-token NLL); for real_authors / world_facts normalised over the answer and its wrong options
   (``perturbed_answer``), as open-unlearning's ``probability_w_options``;
 - ROUGE-L recall (and F1) of a greedy low-confidence-remasking generation against the answer (the generation is
