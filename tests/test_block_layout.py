@@ -421,3 +421,61 @@ def test_every_baseline_in_the_block_layout_matches_float64():
     for method, worst in results.items():
         bad = {k: v for k, v in worst.items() if not v <= 1e-5}
         assert not bad, f"{method}: relative errors above 1e-5: {bad}"
+
+
+def _lora_run() -> dict:
+    """MDU in the block layout with LoRA: the reference as the policy with its adapters off gives, bitwise, the
+    logits, loss and adapter gradients of a frozen copy of the base (the anchor's mask and position ids reach
+    both paths of ``PolicyAndReference``)."""
+    import test_lora as t
+
+    from mdu_dist import distributed
+    from mdu_dist.layout import Layout
+    from mdu_dist.methods import MethodConfig, VocabShard, build_objective, microbatch_loss, prepare
+    from mdu_dist.models.dense import init_weights
+    from mdu_dist.models.lora import load_adapters
+    from mdu_dist.models.mcore import build_stage
+    from mdu_dist.models.mcore_layout import load_shard, shard
+    from mdu_dist.models.paired import PolicyAndReference
+    from mdu_dist.pipeline import run_microbatches
+
+    cfg = _cfg("llada", *t.LORA)
+    distributed.init(cfg.parallel)
+    try:
+        m = cfg.model
+        base = init_weights(m, seed=3)
+        policy = build_stage(m, lora=cfg.lora)
+        load_shard(policy.module, shard(m, base, 1, 0, 1, 0))
+        load_adapters(policy, t._random_adapters(m, cfg.lora), 1, 0, 1, 0)
+        copy = build_stage(m)
+        load_shard(copy.module, shard(m, base, 1, 0, 1, 0))
+        objective = build_objective(MethodConfig(name="mdu", tau=TAU, alpha=ALPHA), m.mask_token_id,
+                                    Layout("block", BLOCK))
+        mb = prepare(objective, _batch(m.vocab_size, m.pad_token_id), torch.Generator().manual_seed(11))
+        vocab = VocabShard(None, policy.vocab_start, m.vocab_size)
+        seen = {}
+        for name, model in (("adapters-off", PolicyAndReference(policy, None, adapters_off=True)),
+                            ("copy", PolicyAndReference(policy, copy))):
+            def loss_fn(x, logits, name=name):
+                seen[name] = logits.detach().clone()
+                loss, _ = microbatch_loss(objective, x, logits, vocab)
+                return loss, {"loss": loss.detach()}
+
+            policy.zero_grad(set_to_none=True)
+            losses = run_microbatches(model, [mb], lambda stage, x: x.forward(stage), loss_fn,
+                                      seq_length=mb.ids.shape[1], micro_batch_size=mb.ids.shape[0])
+            seen[name + "/loss"] = losses[0]["loss"].item()
+            seen[name + "/grads"] = [p.grad.clone() for p in policy.lora.parameters()]
+        anchor_rows = int(mb.positions[mb.n_policy:].sum())
+        return {"logits": torch.equal(seen["copy"], seen["adapters-off"]),
+                "loss": seen["copy/loss"] == seen["adapters-off/loss"],
+                "grads": all(torch.equal(a, b) for a, b in zip(seen["copy/grads"], seen["adapters-off/grads"])),
+                "anchor differs from policy": not torch.equal(seen["copy"][-anchor_rows:],
+                                                              seen["copy"][:anchor_rows])}
+    finally:
+        distributed.shutdown()
+
+
+def test_lora_adapters_off_reference_equals_a_copy_in_the_block_layout():
+    (result,) = run_distributed(_lora_run, 1)
+    assert all(result.values()), result
