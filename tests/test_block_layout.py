@@ -15,6 +15,9 @@ Every reference here is written out independently of ``mdu_dist.layout`` and ``m
 - MDU: the KL of the policy's x_t logits to softmax(tau x the frozen reference's logits on the anchor input:
   prompt and padding masked in BOTH copies) at x_t's masked response positions, plus alpha x the retain term.
   At TP=1, TP=2 and PP=2 (through megatron-core's pipeline schedule), loss and every gradient to 1e-5;
+- GA, GradDiff, NPO, SimNPO, WGA, DPO: a row's log-likelihood is minus its mean CE over masked tokens (the
+  ``losses.baselines`` kernels, tested in tests/test_baselines.py, combine them), loss and gradients to 1e-5;
+- with LoRA, the adapters-off reference equals a frozen copy bitwise;
 - the ELBO of the block layout: each sample's X = sum_b (L_b / l_b) sum_{masked i in b} CE_i from the two-copy
   forward equals the blockwise reference, with packed rows of different lengths (padding).
 """
