@@ -261,7 +261,7 @@ def step_peak_bytes(trainer) -> int:
     model = PolicyAndReference(policy.to(device), reference, trainer.adapters_off)
 
     def forward_backward():
-        run_microbatches(model, mbs, lambda m, mb: m(mb.ids, mb.n_policy, mb.positions),
+        run_microbatches(model, mbs, lambda m, mb: mb.forward(m),
                          lambda mb, logits: (microbatch_loss(trainer.objective, mb, logits, trainer.vocab)[0], {}),
                          seq_length=mbs[0].ids.shape[1], micro_batch_size=mbs[0].ids.shape[0])
 

@@ -274,8 +274,21 @@ class Config:
             # ZeRO-3 partitions the frozen base too; untested with adapters here.
             raise ConfigError(f"lora.rank={self.lora.rank} needs optim.zero_stage 1 or 2 (got 3)")
         check_layout(self.model, self.parallel.tensor, self.parallel.pipeline)
+        check_data_layout(self.data.layout, self.model)
         check_pipeline(self.optim, self.parallel.pipeline)
         self.eval.check_sampler(self.model.arch)
+
+
+def check_data_layout(layout: str, model: ModelConfig) -> None:
+    """``data.layout=block`` needs the blocks of ``model.block_size`` and logits that are not shifted (both
+    copies' columns predict their own tokens)."""
+    if layout != "block":
+        return
+    if model.block_size < 1:
+        raise ConfigError(f"data.layout=block needs model.block_size > 0 (got {model.block_size}); LLaDA2 uses 32")
+    if ARCHS[model.arch].shift_logits:
+        raise ConfigError(f"data.layout=block: model.arch={model.arch} shifts its logits; the two-copy layout is "
+                          f"for unshifted block-diffusion models (llada2)")
 
 
 def check_layout(model: ModelConfig, tp: int, pp: int) -> None:

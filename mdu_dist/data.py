@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mdu_dist.errors import ConfigError
+from mdu_dist.layout import LAYOUTS
 
 SPECIAL_TOKENS = ["<|unk|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|user|>", "<|assistant|>", "<|eot|>"]
 # Token ids of the tiny tokenizer, matching configs/*_tiny.yaml (mask 3, eos = pad 2).
@@ -74,6 +75,9 @@ class DataConfig:
     pad_in_response: bool = False
     question_key: str = "question"  # the column / field holding the question, in every source of the run
     answer_key: str = "answer"  # ... and the answer (eval sources keep TOFU's perturbed-answer field names)
+    # How noisy rows meet the model (``mdu_dist.layout``): full = one sequence; block = LLaDA2's [x_t ; x_0] under
+    # the block-diffusion mask of model.block_size blocks, ratio ~ U[0.3, 0.8], plain mean CE over masked tokens.
+    layout: str = "full"
 
     def validate(self, where: str = "data") -> None:
         for name in ("question_key", "answer_key"):
@@ -83,6 +87,8 @@ class DataConfig:
             raise ConfigError(f"{where}.max_length={self.max_length} must be >= 2")
         if self.limit < 0:
             raise ConfigError(f"{where}.limit={self.limit} must be >= 0")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"{where}.layout={self.layout!r} must be one of {', '.join(LAYOUTS)}")
 
     def idk_path(self) -> Path:
         path = Path(self.idk)

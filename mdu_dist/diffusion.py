@@ -12,8 +12,14 @@ import torch
 def sample_t(batch: int, eps: float = 1e-3, generator: torch.Generator | None = None,
              device: torch.device | str | None = None) -> torch.Tensor:
     """t = eps + (1 - eps) U(0, 1) per sequence, float32 [batch]; eps keeps 1/t weights finite."""
+    return sample_ratio(batch, eps, 1.0, generator, device)
+
+
+def sample_ratio(batch: int, low: float, high: float, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """t = low + (high - low) U(0, 1) per sequence, float32 [batch] (LLaDA2's fine-tuning: U[0.3, 0.8])."""
     u = torch.rand(batch, generator=generator, device=device)
-    return eps + (1.0 - eps) * u
+    return low + (high - low) * u
 
 
 def mask_response(input_ids: torch.Tensor, response_mask: torch.Tensor, t: torch.Tensor, mask_token_id: int,

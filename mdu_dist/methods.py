@@ -7,6 +7,11 @@ knows nothing of TP, PP or DeepSpeed; its losses are vocab-parallel through ``Vo
 
 The likelihood of a response under a masked diffusion model is the ELBO estimate of one random draw
 (t, mask): ``loglik_b = -sum_{masked response i} w(t_b) CE_i / |response_b|`` (``losses.cross_entropy``).
+
+In LLaDA2's two-copy layout (``data.layout=block``, ``mdu_dist.layout``) every pass feeds [x_t ; x_0] and reads
+logits in x_t only; t ~ U[0.3, 0.8] per row and, as LLaDA2's fine-tuning, no 1/t weight: the SFT and retain
+losses are the mean CE over the micro-batch's masked tokens, a row's log-likelihood minus the mean CE over its
+own masked tokens. MDU's anchor masks the prompt (and padding) in both copies.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from torch import Tensor
 
 from mdu_dist.data import Pairs
 from mdu_dist.errors import ConfigError
-from mdu_dist.diffusion import anchor_view, mask_response, sample_t
+from mdu_dist.diffusion import anchor_view, mask_response, sample_ratio
+from mdu_dist.layout import BLOCK_NOISE_RANGE, Layout
 from mdu_dist.losses import DIRECTIONS, WEIGHTINGS, baselines
 from mdu_dist.losses.cross_entropy import masked_diffusion_nll, vocab_parallel_cross_entropy
 from mdu_dist.losses.divergence import vocab_parallel_divergence
@@ -74,8 +80,12 @@ class Noised:
     t: Tensor  # [B]
 
 
-def noise(pairs: Pairs, mask_token_id: int, generator: torch.Generator, eps: float) -> Noised:
-    t = sample_t(len(pairs), eps=eps, generator=generator)
+def noise(pairs: Pairs, mask_token_id: int, generator: torch.Generator, eps: float, layout: Layout = Layout()
+          ) -> Noised:
+    """t ~ U[eps, 1] (the full layout) or U[0.3, 0.8] (LLaDA2's block layout) per row, then each response token
+    masked with probability t."""
+    low, high = BLOCK_NOISE_RANGE if layout.two_copy else (eps, 1.0)
+    t = sample_ratio(len(pairs), low, high, generator)
     noisy, masked = mask_response(pairs.input_ids, pairs.response_mask, t, mask_token_id, generator)
     return Noised(pairs.input_ids, noisy, masked, pairs.response_mask, t)
 
@@ -83,8 +93,9 @@ def noise(pairs: Pairs, mask_token_id: int, generator: torch.Generator, eps: flo
 @dataclass
 class Pass:
     name: str
-    ids: Tensor  # [B, L]
+    ids: Tensor  # [B, L]: x_t
     positions: Tensor  # [B, L] bool
+    clean: Tensor  # [B, L]: x_0, the second copy of the block layout (unused in the full layout)
     reference: bool = False  # run on the frozen theta_0 under no_grad
 
 
@@ -110,8 +121,8 @@ class Objective:
     # What ``loss`` reports, in this order (every rank must know it, also those without logits).
     metric_names: tuple[str, ...] = ("forget-loss", "retain-loss")
 
-    def __init__(self, cfg: MethodConfig, mask_token_id: int):
-        self.cfg, self.mask_token_id = cfg, mask_token_id
+    def __init__(self, cfg: MethodConfig, mask_token_id: int, layout: Layout = Layout()):
+        self.cfg, self.mask_token_id, self.layout = cfg, mask_token_id, layout
 
     def draw(self, batch: dict[str, Pairs], generator: torch.Generator) -> dict[str, Noised]:
         names = ["forget"] + (["retain"] if self.uses_retain and self.cfg.alpha else []) + (
@@ -119,20 +130,35 @@ class Objective:
         missing = [n for n in names if n not in batch]
         if missing:
             raise ValueError(f"method {self.cfg.name!r} needs batch parts {missing}")
-        return {n: noise(batch[n], self.mask_token_id, generator, self.cfg.eps) for n in names}
+        return {n: noise(batch[n], self.mask_token_id, generator, self.cfg.eps, self.layout) for n in names}
 
     def passes(self, drawn: dict[str, Noised]) -> list[Pass]:
-        out = [Pass(n, nz.noisy, nz.masked) for n, nz in drawn.items()]
+        out = [Pass(n, nz.noisy, nz.masked, nz.clean) for n, nz in drawn.items()]
         if self.needs_reference:
-            out += [Pass(f"{n}_ref", drawn[n].noisy, drawn[n].masked, reference=True) for n in self.ref_parts]
+            out += [Pass(f"{n}_ref", drawn[n].noisy, drawn[n].masked, drawn[n].clean, reference=True)
+                    for n in self.ref_parts]
         return out
 
     ref_parts: tuple[str, ...] = ()
 
+    def loglik(self, logits: Tensor, nz: Noised, vocab: VocabShard) -> Tensor:
+        """Per-row log-likelihood estimate [B]: the ELBO estimate (full layout), or minus the row's mean CE over
+        its masked tokens (block layout: LLaDA2's loss has no 1/t weight and averages over masked tokens)."""
+        if self.layout.two_copy:
+            return -masked_diffusion_nll(token_nll(logits, nz, vocab), nz.masked, nz.masked, nz.t, "none")
+        return sft_loglik(logits, nz, vocab, self.cfg.weighting)
+
+    def sft_loss(self, logits: Tensor, nz: Noised, vocab: VocabShard) -> Tensor:
+        """The fine-tuning loss of a batch: the mean ELBO loss (full layout), or LLaDA2's plain mean CE over all
+        masked tokens of the micro-batch (block layout; 0 when nothing is masked)."""
+        if self.layout.two_copy:
+            return token_nll(logits, nz, vocab).sum() / max(int(nz.masked.sum()), 1)
+        return -sft_loglik(logits, nz, vocab, self.cfg.weighting).mean()
+
     def retain_term(self, logits: dict[str, Tensor], drawn: dict[str, Noised], vocab: VocabShard) -> Tensor:
         if "retain" not in drawn:
             return torch.zeros(())
-        return -sft_loglik(logits["retain"], drawn["retain"], vocab, self.cfg.weighting).mean()
+        return self.sft_loss(logits["retain"], drawn["retain"], vocab)
 
     def forget_term(self, logits, drawn, vocab) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -162,8 +188,9 @@ class MDU(Objective):
         if not self.needs_reference:
             return super().passes(drawn)
         f = drawn["forget"]
-        anchor = anchor_view(f.noisy, f.response, self.mask_token_id)
-        return super().passes(drawn) + [Pass("anchor", anchor, f.masked, reference=True)]
+        # The block layout's anchor masks the prompt in x_0 too: a clean copy would hand the anchor the prompt.
+        anchor = [anchor_view(x, f.response, self.mask_token_id) for x in (f.noisy, f.clean)]
+        return super().passes(drawn) + [Pass("anchor", anchor[0], f.masked, anchor[1], reference=True)]
 
     def forget_term(self, logits, drawn, vocab):
         c = self.cfg
@@ -185,8 +212,7 @@ class LoglikBaseline(Objective):
     metric_names = ("forget-loss", "retain-loss", "forget-loglik")
 
     def forget_term(self, logits, drawn, vocab):
-        ll = {n: sft_loglik(logits[n], drawn[n.removesuffix("_ref")], vocab, self.cfg.weighting)
-              for n in logits if n not in ("retain",)}
+        ll = {n: self.loglik(logits[n], drawn[n.removesuffix("_ref")], vocab) for n in logits if n != "retain"}
         value = self.combine(ll)
         return value, {"forget-loglik": ll["forget"].mean().item()}
 
@@ -235,6 +261,8 @@ class WGA(Objective):
     def forget_term(self, logits, drawn, vocab):
         nz = drawn["forget"]
         nll = token_nll(logits["forget"], nz, vocab)
+        if self.layout.two_copy:  # as ``loglik``: no 1/t, each row's mean over its masked tokens
+            return baselines.wga(nll, nz.masked, nz.masked, nz.t, beta=self.cfg.beta, weighting="none"), {}
         return baselines.wga(nll, nz.masked, nz.response, nz.t, beta=self.cfg.beta, weighting=self.cfg.weighting), {}
 
 
@@ -245,10 +273,10 @@ class SFT(Objective):
     metric_names = ("lm loss",)
 
     def draw(self, batch, generator):
-        return {"train": noise(batch["train"], self.mask_token_id, generator, self.cfg.eps)}
+        return {"train": noise(batch["train"], self.mask_token_id, generator, self.cfg.eps, self.layout)}
 
     def loss(self, logits, drawn, vocab):
-        loss = -sft_loglik(logits["train"], drawn["train"], vocab, self.cfg.weighting).mean()
+        loss = self.sft_loss(logits["train"], drawn["train"], vocab)
         return loss, {"lm loss": loss.item()}
 
 
@@ -258,9 +286,11 @@ class MicroBatch:
 
     drawn: dict[str, Noised]
     passes: list[Pass]  # in row order
-    ids: Tensor  # [rows, L]
-    positions: Tensor  # [rows, L] bool: where the losses read logits
+    ids: Tensor  # [rows, S]: the model's input (S = L, or 2L for the block layout's [x_t ; x_0])
+    positions: Tensor  # [rows, S] bool: where the losses read logits
     n_policy: int
+    position_ids: Tensor | None = None  # [rows, S] RoPE positions (block layout); None: 0..S-1
+    mask: Tensor | None = None  # [1, 1, S, S] bool attention mask, True = masked out (block layout)
 
     def to(self, device: torch.device) -> MicroBatch:
         """The same micro-batch with every tensor on ``device`` (the draws are made on the CPU generator)."""
@@ -268,8 +298,16 @@ class MicroBatch:
             return dataclasses.replace(x, **{f.name: getattr(x, f.name).to(device) for f in dataclasses.fields(x)
                                              if isinstance(getattr(x, f.name), Tensor)})
 
+        def maybe(x):
+            return None if x is None else x.to(device)
+
         return MicroBatch({n: move(nz) for n, nz in self.drawn.items()}, [move(p) for p in self.passes],
-                          self.ids.to(device), self.positions.to(device), self.n_policy)
+                          self.ids.to(device), self.positions.to(device), self.n_policy, maybe(self.position_ids),
+                          maybe(self.mask))
+
+    def forward(self, model) -> Tensor:
+        """This micro-batch through ``model`` (a ``models.paired.PolicyAndReference`` stage)."""
+        return model(self.ids, self.n_policy, self.positions, self.position_ids, self.mask)
 
 
 def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Generator) -> MicroBatch:
@@ -277,8 +315,11 @@ def prepare(objective: Objective, batch: dict[str, Pairs], generator: torch.Gene
     passes = objective.passes(drawn)
     ordered = [p for p in passes if not p.reference] + [p for p in passes if p.reference]
     n_policy = sum(p.ids.shape[0] for p in ordered if not p.reference)
-    return MicroBatch(drawn, ordered, torch.cat([p.ids for p in ordered]),
-                      torch.cat([p.positions for p in ordered]), n_policy)
+    layout = objective.layout
+    ids = torch.cat([layout.sequence(p.ids, p.clean) for p in ordered])
+    length = ordered[0].ids.shape[1]
+    return MicroBatch(drawn, ordered, ids, torch.cat([layout.read(p.positions) for p in ordered]), n_policy,
+                      layout.position_ids(ids.shape[0], length), layout.mask(length))
 
 
 def microbatch_loss(objective: Objective, mb: MicroBatch, logits: Tensor, vocab: VocabShard
@@ -294,6 +335,6 @@ METHODS: dict[str, type[Objective]] = {"mdu": MDU, "ga": GA, "graddiff": GradDif
                                        "simnpo": SimNPO, "wga": WGA, "dpo": DPO}
 
 
-def build_objective(cfg: MethodConfig, mask_token_id: int) -> Objective:
+def build_objective(cfg: MethodConfig, mask_token_id: int, layout: Layout = Layout()) -> Objective:
     cfg.validate()
-    return METHODS[cfg.name](cfg, mask_token_id)
+    return METHODS[cfg.name](cfg, mask_token_id, layout)

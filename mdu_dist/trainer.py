@@ -27,6 +27,7 @@ from mdu_dist.checkpoint.steps import TRAINER_STATE, checkpoints_dir, partial_di
 from mdu_dist.data import collate_parts, longest
 from mdu_dist.errors import ConfigError
 from mdu_dist.inputs import prepare as prepare_inputs, steps_per_epoch
+from mdu_dist.layout import Layout
 from mdu_dist.methods import SFT, VocabShard, build_objective, microbatch_loss, prepare
 from mdu_dist.models.mcore import build_stage
 from mdu_dist.models.paired import PolicyAndReference
@@ -87,8 +88,9 @@ class Trainer:
             added = [i for i, t in inputs.tokenizer.added_tokens_decoder.items() if t.special]
             cfg.method.special_token_ids = sorted({*added, *inputs.tokenizer.all_special_ids, m.mask_token_id,
                                                    m.eos_token_id, m.pad_token_id})
-        self.objective = (SFT(cfg.method, m.mask_token_id) if job == "finetune"
-                          else build_objective(cfg.method, m.mask_token_id))
+        layout = Layout(cfg.data.layout, m.block_size)
+        self.objective = (SFT(cfg.method, m.mask_token_id, layout) if job == "finetune"
+                          else build_objective(cfg.method, m.mask_token_id, layout))
         dtype = resolve_dtype(cfg.optim)
         lora = cfg.lora if cfg.lora.enabled else None
         self.policy = build_stage(m, dtype, cfg.train.recompute, lora)
@@ -159,7 +161,7 @@ class Trainer:
         reference, adapters_off = self.reference, self.adapters_off
 
         def forward(model, mb):
-            return model(mb.ids, mb.n_policy, mb.positions)
+            return mb.forward(model)
 
         def loss_fn(mb, logits):
             return microbatch_loss(self.objective, mb, logits, self.vocab)

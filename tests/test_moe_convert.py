@@ -46,8 +46,11 @@ def test_config_json_round_trip_and_fields():
         cfg = _cfg(arch)
         hf = model_config_to_hf_config(cfg, torch.bfloat16)
         assert arch_of_hf_config(hf) == arch
-        # make_vocab_size_divisible_by is megatron's padding rule, not a property of the checkpoint.
-        assert dataclasses.replace(hf_config_to_model_config(hf, arch), make_vocab_size_divisible_by=8) == cfg
+        # make_vocab_size_divisible_by is megatron's padding rule, block_size how a run attends (LLaDA2's
+        # config.json has no such field): neither is a property of the checkpoint.
+        assert dataclasses.replace(hf_config_to_model_config(hf, arch), make_vocab_size_divisible_by=8,
+                                   block_size=cfg.block_size) == cfg
+        assert "block_size" not in hf
     hf = model_config_to_hf_config(_cfg("llada2"))
     # LLaDA2MoeConfig's own names for what the issue lists (read from its config.json).
     assert (hf["model_type"], hf["num_experts"], hf["num_experts_per_tok"], hf["n_group"], hf["topk_group"],

@@ -2,7 +2,8 @@
 
 Per split (forget, retain, real_authors, world_facts; each optionally limited to its first ``eval.limit`` rows):
 
-- probability: LLaDA's Monte-Carlo ELBO of the answer (``eval.num_samples`` draws; 128 for the real benchmark),
+- probability: LLaDA's Monte-Carlo ELBO of the answer (``eval.num_samples`` draws; 128 for the real benchmark;
+  block by block in LLaDA2's two-copy layout with ``data.layout=block``, ``eval.likelihood``),
   exp(-per-token NLL); for real_authors / world_facts normalised over the answer and its wrong options
   (``perturbed_answer``), as open-unlearning's ``probability_w_options``;
 - ROUGE-L recall (and F1) of a greedy low-confidence-remasking generation against the answer (the generation is
@@ -49,10 +50,11 @@ from mdu_dist.errors import ConfigError
 from mdu_dist.eval import metrics as M
 from mdu_dist.eval.block_sampler import block_generate
 from mdu_dist.eval.config import BLOCK_SAMPLERS
-from mdu_dist.eval.likelihood import ElboEstimate, sample_masks, score_packed
+from mdu_dist.eval.likelihood import ElboEstimate, sample_block_masks, sample_masks, score_packed
 from mdu_dist.eval.sampler import dream_generate, generate, left_pad
 from mdu_dist.inputs import check_checkpoint, check_output_dir, check_tokenizer_fits
 from mdu_dist.launch.local import launched_world_size, run_ranks
+from mdu_dist.layout import Layout
 from mdu_dist.models.mcore import build_stage
 
 PREFIX = {"forget": "forget", "retain": "retain", "real_authors": "ra", "world_facts": "wf"}
@@ -197,20 +199,30 @@ class Evaluator:
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-               pad: torch.Tensor | None = None) -> torch.Tensor:
+               pad: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V_local], or [N, V_local] at the ``positions`` only (the output layer runs on those);
-        ``pad`` marks padding, kept out of attention."""
-        positions, pad = (None if t is None else t.to(device()) for t in (positions, pad))
-        return self.stage(ids.to(device()), positions, pad).float()
+        ``pad`` marks padding, kept out of attention; ``position_ids`` and ``mask`` as ``DiffusionLM.forward``
+        takes them (the block layout's two copies)."""
+        positions, pad, position_ids, mask = (None if t is None else t.to(device())
+                                              for t in (positions, pad, position_ids, mask))
+        return self.stage(ids.to(device()), positions, pad, mask, position_ids).float()
 
     def nll(self, split: str, answers: list[tuple[int, str, torch.Tensor, torch.Tensor]]) -> dict[tuple, float]:
         """Per-token negative ELBO of each (row, which, prompt, answer), their samples packed into shared forwards."""
         e, m = self.e, self.cfg.model
-        triples = [(prompt, answer, sample_masks(answer.numel(), e.num_samples, _seed(e.seed, split, row, which)))
+        layout = Layout(self.cfg.data.layout, m.block_size)
+
+        def masks(prompt, answer, seed):
+            if layout.two_copy:
+                return sample_block_masks(prompt.numel(), answer.numel(), m.block_size, e.num_samples, seed)
+            return sample_masks(answer.numel(), e.num_samples, seed)
+
+        triples = [(prompt, answer, masks(prompt, answer, _seed(e.seed, split, row, which)))
                    for row, which, prompt, answer in answers]
         scores = score_packed(self.logits, triples, mask_token_id=m.mask_token_id, vocab_size=m.vocab_size,
                               vocab_start=self.stage.vocab_start, group=self.group, batch_size=e.batch_size,
-                              tokens_per_batch=e.tokens_per_batch, pad_token_id=m.pad_token_id)
+                              tokens_per_batch=e.tokens_per_batch, pad_token_id=m.pad_token_id, layout=layout)
         return {("nll", split, row, which): ElboEstimate(x, answer.numel()).nll
                 for (row, which, _, answer), x in zip(answers, scores, strict=True)}
 
@@ -267,18 +279,20 @@ def elbo_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
     answers = []
     for row, it in enumerate(items):
         answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in it.scored()]
+    copies = 2 if cfg.data.layout == "block" else 1  # the block layout feeds [x_t ; x_0]
     row, which, prompt, ans = max(answers, key=lambda a: a[2].numel() + a[3].numel())
-    longest = prompt.numel() + ans.numel()
+    longest = copies * (prompt.numel() + ans.numel())
     if longest > e.tokens_per_batch:
         raise ConfigError(f"eval.tokens_per_batch={e.tokens_per_batch} is smaller than one ELBO sequence: the "
                           f"longest of the {split} split, row {row} ({which}), has {longest} tokens "
-                          f"(prompt + answer); set eval.tokens_per_batch >= {longest}")
+                          f"(prompt + answer{', two copies' if copies > 1 else ''}); set eval.tokens_per_batch "
+                          f">= {longest}")
     units: list[Unit] = []
     pack: list[tuple[int, str, torch.Tensor, torch.Tensor]] = []
     cost = 0
     for answer in answers:
         pack.append(answer)
-        cost += e.num_samples * (answer[2].numel() + answer[3].numel())
+        cost += e.num_samples * copies * (answer[2].numel() + answer[3].numel())
         if cost >= e.tokens_per_batch:
             units.append(Unit(("nll", split, len(units)), cost, tuple(pack)))
             pack, cost = [], 0

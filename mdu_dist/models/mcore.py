@@ -197,7 +197,8 @@ class DiffusionLM(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                pad: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, S, V_local] on the last stage, or, given ``positions`` (bool [B, S]), only the logits at
         those positions, [N, V_local] in row-major order: the output layer (the largest matmul of a step at
         LLaDA's vocabulary) then runs on the N positions a loss reads, not on the whole sequence.
@@ -206,14 +207,20 @@ class DiffusionLM(nn.Module):
         numbers each row's positions from 0 at its first real token, so a padded row's real positions get the
         logits of the unpadded row. Attention is ``model.block_size``'s (full, or block-causal by position), or
         ``mask``'s where given (bool [B or 1, 1, S, S], True = masked out), padding folded in either way
-        (``models.masks.attention_mask``). Every stage must get the same ``pad`` and ``mask``.
+        (``models.masks.attention_mask``). ``position_ids`` (long [B, S]) number the tokens for RoPE in place of
+        the count from each row's first real token (LLaDA2's two-copy layout gives both copies 0..L-1). Every
+        stage must get the same ``pad``, ``mask`` and ``position_ids``.
         """
         b, s = input_ids.shape
         if pad is not None and (pad.shape != (b, s) or pad.dtype != torch.bool):
             raise ValueError(f"pad must be a bool [B, S] = [{b}, {s}] mask; got {pad.dtype} {tuple(pad.shape)}")
         # No position ids without padding: with RoPE, GPTModel numbers every row 0..S-1 itself, and the per-row
-        # rotary gather below is only paid by padded (evaluation) batches, not by training steps.
-        position_ids = None if pad is None else masks.row_positions(pad)
+        # rotary gather below is only paid by padded (evaluation) batches and the two-copy layout, not by training
+        # steps of the full layout.
+        if position_ids is not None and position_ids.shape != (b, s):
+            raise ValueError(f"position_ids must be [B, S] = [{b}, {s}]; got {tuple(position_ids.shape)}")
+        if position_ids is None and pad is not None:
+            position_ids = masks.row_positions(pad)
         attention_mask = masks.attention_mask(s, self.cfg.block_size, pad, mask, input_ids.device)
         if attention_mask is not None and self.cfg.attention == "te":
             raise ValueError("model.attention=te takes no attention mask here; use model.attention=sdpa or local")

@@ -38,33 +38,43 @@ class PolicyAndReference(nn.Module):
         self._input = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     @staticmethod
-    def _run(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor | None, hidden: torch.Tensor | None
-             ) -> torch.Tensor:
+    def _run(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor | None, hidden: torch.Tensor | None,
+             position_ids: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         _stage(model).module.set_input_tensor(hidden)
-        return model(ids, positions)
+        if position_ids is None and mask is None:
+            return model(ids, positions)
+        return model(ids, positions, mask=mask, position_ids=position_ids)
 
-    def forward(self, ids: torch.Tensor, n_policy: int, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``ids`` and ``positions`` [rows, seq]: rows ``[:n_policy]`` go to the policy, the rest to the frozen
-        reference. The last stage returns the logits at ``positions`` ([N, V_local], row-major: the policy's
-        first; without ``positions`` all of them, [rows, seq, V_local]), the others hidden states
-        [seq, rows, hidden] for the next stage."""
+    def forward(self, ids: torch.Tensor, n_policy: int, positions: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids``, ``positions`` and ``position_ids`` [rows, seq]: rows ``[:n_policy]`` go to the policy, the rest
+        to the frozen reference. The last stage returns the logits at ``positions`` ([N, V_local], row-major:
+        the policy's first; without ``positions`` all of them, [rows, seq, V_local]), the others hidden states
+        [seq, rows, hidden] for the next stage. ``mask`` (bool [1 or rows, 1, seq, seq], True = masked out) and
+        ``position_ids`` (RoPE's; default each row's 0..seq-1) reach every stage with the micro-batch, as the
+        token ids do: the two-copy layout (``layout``) needs both."""
+        def rows(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+            # A mask of one row is every row's.
+            return x if x is None or (x is mask and x.shape[0] == 1) else x[part]
+
         hidden = self._input
-        policy_hidden = None if hidden is None else hidden[:, :n_policy]
-        policy_positions = None if positions is None else positions[:n_policy]
-        out = self._run(self.module, ids[:n_policy], policy_positions, policy_hidden)
+        policy, ref = slice(None, n_policy), slice(n_policy, None)
+        policy_hidden = None if hidden is None else hidden[:, policy]
+        out = self._run(self.module, ids[policy], rows(positions, policy), policy_hidden, rows(position_ids, policy),
+                        rows(mask, policy))
         if n_policy == ids.shape[0]:
             return out
         if self.reference is None and not self.adapters_off:
             raise ValueError(f"{ids.shape[0] - n_policy} reference rows but no reference model was built")
         with torch.no_grad():
-            ref_hidden = None if hidden is None else hidden[:, n_policy:]
-            ref_positions = None if positions is None else positions[n_policy:]
+            args = (ids[ref], rows(positions, ref), None if hidden is None else hidden[:, ref],
+                    rows(position_ids, ref), rows(mask, ref))
             if self.adapters_off:
                 stage = _stage(self.module)
                 with adapters_disabled(stage):
-                    ref_out = self._run(stage, ids[n_policy:], ref_positions, ref_hidden)
+                    ref_out = self._run(stage, *args)
             else:
-                ref_out = self._run(self.reference, ids[n_policy:], ref_positions, ref_hidden)
+                ref_out = self._run(self.reference, *args)
         return torch.cat([out, ref_out], dim=0 if _stage(self.module).post_process else 1)
 
 
