@@ -112,8 +112,23 @@ def test_the_released_llada2_mini_config_gives_the_mini_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLADA2_MINI, indent=2) + "\n")
     assert arch_of_hf_config(LLADA2_MINI) == "llada2"
     cfg = load_job_config(None, [f"train.init={tmp_path}"], "unlearn")
-    # Its mask and EOS ids are not in config.json: the tokenizer's <|mask|> 156895 and <|endoftext|> 156892.
+    # Its mask and EOS ids are not in config.json: the tokenizer's <|mask|> 156895 and <|endoftext|> 156892; nor
+    # is its block size (32), nor how it is trained and sampled (the two-copy layout, the block sampler).
     assert dataclasses.asdict(cfg.model) == dataclasses.asdict(_yaml_model("llada2_mini"))
+    assert (cfg.data.layout, cfg.eval.sampler) == ("block", "block")
+
+
+@pytest.mark.parametrize("overrides,want", [
+    (["data.layout=full"], ("full", "block")),
+    (["eval.sampler=low_confidence"], ("block", "low_confidence")),
+    (["model.block_size=0"], ("full", "")),
+])
+def test_a_llada2_config_json_leaves_the_block_recipe_to_the_user(tmp_path, overrides, want):
+    from mdu_dist.checkpoint.source import load_job_config
+
+    (tmp_path / "config.json").write_text(json.dumps(LLADA2_MINI, indent=2) + "\n")
+    cfg = load_job_config(None, [f"train.init={tmp_path}", *overrides], "unlearn")
+    assert (cfg.data.layout, cfg.eval.sampler) == want
 
 
 def test_the_rebuilt_file_has_the_released_size(tmp_path):

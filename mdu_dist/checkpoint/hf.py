@@ -112,7 +112,8 @@ _ARCHITECTURES = {"llada": ["LLaDAModelLM"], "dream": ["DreamModel"], "llada2": 
 # backbones' routers.
 _ARCH_FIELDS: dict[str, dict[str, Any]] = {
     "llada": {"qkv_bias": False}, "dream": {"qkv_bias": True},
-    "llada2": {"qkv_bias": False, "qk_norm": True, "moe_score": "sigmoid", "moe_renormalize": True},
+    # LLaDA2's config.json has no block size: its releases were post-trained, and are sampled, in blocks of 32.
+    "llada2": {"qkv_bias": False, "qk_norm": True, "moe_score": "sigmoid", "moe_renormalize": True, "block_size": 32},
     "llada_moe": {"qkv_bias": False, "qk_norm": True, "moe_score": "softmax", "moe_renormalize": False},
 }
 

@@ -26,6 +26,9 @@ CHECKPOINT_KEY = {"finetune": "train.init", "unlearn": "train.init", "eval": "ev
                   "info": "train.init"}
 # Choices of how to run a model, not part of what its weights compute: never taken from a checkpoint.
 RUNTIME_KEYS = ("attention",)
+# How a block model (model.block_size > 0) of these backbones is trained and sampled, where the config leaves it
+# unset: LLaDA2's two-copy fine-tuning layout and its own sampler (docs/block_diffusion.md).
+BLOCK_RECIPE = {"llada2": {"data": {"layout": "block"}, "eval": {"sampler": "block"}}}
 
 
 def resolve_checkpoint(path: str, key: str = "eval.checkpoint") -> tuple[Path, str]:
@@ -73,7 +76,8 @@ def _get(tree: dict, dotted: str) -> Any:
 
 
 def load_job_config(path: str | None, overrides: list[str], job: str) -> Config:
-    """``load_config`` for a job: model keys left unset come from the job's checkpoint (``CHECKPOINT_KEY``)."""
+    """``load_config`` for a job: model keys left unset come from the job's checkpoint (``CHECKPOINT_KEY``), and a
+    block model's layout and sampler, left unset, from ``BLOCK_RECIPE``."""
     data, source = read_config_file(path)
     try:
         tree = apply_overrides(data, overrides)
@@ -86,7 +90,14 @@ def load_job_config(path: str | None, overrides: list[str], job: str) -> Config:
     user = tree.get("model") or {}
     if not isinstance(user, dict):
         raise ConfigError(f"{source}: model must be a mapping, got {user!r}")
-    cfg = config_from_dict({**tree, "model": {**fixed, **user}}, source=source)
+    model = {**fixed, **user}
+    tree = {**tree, "model": model}
+    if model.get("block_size"):
+        for section, keys in BLOCK_RECIPE.get(model.get("arch"), {}).items():
+            given = tree.get(section) or {}
+            if isinstance(given, dict):
+                tree[section] = {**keys, **given}
+    cfg = config_from_dict(tree, source=source)
     for name in ("arch", *MUST_MATCH):
         if name in user and name in fixed and getattr(cfg.model, name) != fixed[name]:
             raise ConfigError(f"{CHECKPOINT_KEY[job]}={checkpoint}: the checkpoint has {name}={fixed[name]!r} but "
