@@ -42,6 +42,9 @@ With LoRA (``lora.rank`` > 0), with Pa = adapter parameters of that stage's TP r
     activations    as above       the frozen linears no longer need their input for a weight gradient, but the
                                   adapters read the same inputs: the same bytes are counted
 
+In the block layout (``data.layout=block``) a row runs as [x_t ; x_0], 2 s positions: every term above counts
+2 s (the attention's ``local`` state a x 2s per position), except the logits, read at x_t's masked positions.
+
 Not modelled: DeepSpeed communication buckets, ZeRO-3's gathered layer, the CUDA context and allocator
 fragmentation; leave a margin of several GB below --gpu-mem.
 """
@@ -84,6 +87,14 @@ class Workload:
     policy_passes: int
     reference_passes: int
     recompute: str = "none"  # train.recompute
+    # 2 in the block layout (data.layout=block): each pass runs [x_t ; x_0], 2 x seq_len positions, while the
+    # logits are read at x_t's masked positions only.
+    copies: int = 1
+
+    @property
+    def positions(self) -> int:
+        """Positions one row occupies in a forward pass."""
+        return self.copies * self.seq_len
 
 
 @dataclass
@@ -133,16 +144,16 @@ def logits_bytes(cfg: ModelConfig, tp: int, w: Workload) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, pp: int, stage: int, w: Workload) -> int:
-    tokens = w.micro_batch_size * w.seq_len
+    tokens = w.micro_batch_size * w.positions
     own = layer_range(cfg.num_layers, pp, stage)
     in_flight = pp - stage
-    largest = max(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, layer=i) for i in own)
+    largest = max(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.positions, layer=i) for i in own)
     if w.recompute == "full":  # each layer's input, plus the one layer being recomputed in the backward
         stored = in_flight * len(own) * BF16 * w.policy_passes * tokens * cfg.hidden_size + largest
     else:
-        stored = in_flight * sum(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.seq_len, w.recompute, i)
-                                 for i in own)
-    anchor = max(layer_activation_bytes(cfg, tp, tokens, w.seq_len, layer=i) for i in own) if w.reference_passes else 0
+        stored = in_flight * sum(layer_activation_bytes(cfg, tp, w.policy_passes * tokens, w.positions, w.recompute,
+                                                        i) for i in own)
+    anchor = max(layer_activation_bytes(cfg, tp, tokens, w.positions, layer=i) for i in own) if w.reference_passes else 0
     return stored + anchor + (logits_bytes(cfg, tp, w) if stage == pp - 1 else 0)
 
 
@@ -190,7 +201,8 @@ def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_
     drawn = objective.draw({n: dummy for n in ("train", "forget", "retain", "idk")}, torch.Generator())
     passes = objective.passes(drawn)
     n_ref = sum(p.reference for p in passes)
-    return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref, cfg.train.recompute)
+    return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref, cfg.train.recompute,
+                    copies=2 if cfg.data.layout == "block" else 1)
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:
@@ -265,7 +277,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"heads / {m.num_query_groups} KV, ffn {m.ffn_hidden_size}, vocab {m.vocab_size}; "
           f"{count_parameters(m) / 1e9:.2f}e9 parameters"
           + (f", {m.moe_num_experts} experts top-{m.moe_topk}" if m.is_moe else ""))
-    print(f"{args.job} ({method}): micro-batch {w.micro_batch_size} x {w.seq_len} tokens, "
+    print(f"{args.job} ({method}): micro-batch {w.micro_batch_size} x {w.seq_len} tokens"
+          + (f" (block layout: {w.positions} positions per row, [x_t ; x_0])" if w.copies > 1 else "") + ", "
           f"{w.policy_passes} policy + {w.reference_passes} reference pass(es), logits at "
           f"{w.masked_fraction:.0%} of positions; {m.attention} attention, recompute {w.recompute}; "
           f"{args.gpus} GPUs of {args.gpu_mem:g} GiB; GiB per GPU:")

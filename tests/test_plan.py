@@ -73,6 +73,27 @@ def test_activation_formula_by_hand(attention, recompute):
     assert activation_bytes(cfg, 2, 1, 0, w) == layers + anchor + logits
 
 
+def test_block_layout_doubles_the_positions_not_the_logits():
+    from mdu_dist.plan import logits_bytes
+
+    cfg = dataclasses.replace(LLADA_8B, attention="local")
+    w = Workload(micro_batch_size=1, seq_len=1024, masked_fraction=0.5, policy_passes=2, reference_passes=1,
+                 copies=2)
+    # [x_t ; x_0]: 2048 positions per row, local attention's probabilities a x 2048 per position.
+    per_position = PER_TOKEN["local"] + 32 * 1024 // 2  # PER_TOKEN's a s / t term for s = 2048 instead of 1024
+    layers = 32 * 2 * 2 * 2048 * per_position
+    anchor = 2 * 2048 * per_position
+    assert logits_bytes(cfg, 2, w) == logits_bytes(cfg, 2, dataclasses.replace(w, copies=1))
+    assert activation_bytes(cfg, 2, 1, 0, w) == layers + anchor + logits_bytes(cfg, 2, w)
+
+
+def test_plan_of_a_block_layout_config_counts_two_copies(capsys):
+    from mdu_dist.cli import main
+
+    assert main(["plan", "--config", "configs/llada2_mini.yaml", "--gpus", "8"]) == 0
+    assert "(block layout: 256 positions per row, [x_t ; x_0])" in capsys.readouterr().out
+
+
 def test_recomputation_shrinks_the_activation_term():
     def act(attention, recompute):
         cfg = dataclasses.replace(LLADA_8B, attention=attention)
