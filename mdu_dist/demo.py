@@ -20,7 +20,7 @@
    demo must show), ``run_info.json`` (timings, machine), ``loss_curves.png`` and ``forget_vs_utility.png``
    (every seed).
 
-Numerics are pinned (``threads``, ``cpu_isa``; see ``numerics_env``) so that the same settings give the same
+Numerics are pinned (``threads``, ``cpu_isa``; see ``mdu_dist.numerics``) so that the same settings give the same
 bits on any x86-64 machine with AVX2, not only on the one that ran them. Stages that do not depend on each
 other (the two fine-tunes; the seeds' unlearning runs and evaluations) run in ``workers`` processes side by
 side, each stage on one thread, so the results do not depend on ``workers``.
@@ -32,14 +32,12 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mdu_dist import distributed
@@ -52,6 +50,7 @@ from mdu_dist.eval.report import aggregate, plot_tradeoff, save_png, table
 from mdu_dist.eval.run import evaluate, retain_model_truth_ratios, write_atomic, write_eval
 from mdu_dist.launch.local import run_ranks
 from mdu_dist.methods import METHODS
+from mdu_dist.numerics import CPU_ISAS, numerics_env, numerics_info, pin_process
 from mdu_dist.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "resources" / "demo.yaml"
@@ -61,11 +60,6 @@ QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_r
          "retain_general_rows=1",
          "eval_rows=3", "batch_size=4", "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2",
          "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
-
-# cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA): one instruction set for ATen's vectorised
-# kernels, MKL's BLAS (conditional numerical reproducibility) and oneDNN, instead of whatever each library
-# detects on the host (AVX-512 on one machine, AVX2 on another: different summation orders, different bits).
-CPU_ISAS = {"avx2": ("avx2", "AVX2", "AVX2"), "default": ("default", "COMPATIBLE", "SSE41")}
 
 # Models whose training is shared by every seed (only their evaluation is per seed).
 SHARED = ("pretrained", "finetuned", "retain-only")
@@ -117,7 +111,8 @@ class DemoConfig:
     seed: int = 0  # the pre-training and the two fine-tunes
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # unlearning + evaluation, one pass each
     threads: int = 1  # torch intra-op threads (summation order depends on it); 0 = one per core
-    cpu_isa: str = "avx2"  # avx2 | default | native (each library picks from the host CPU: not reproducible)
+    # avx2 | avx2-intel | default (mdu_dist.numerics.CPU_ISAS) | native (each library picks from the host CPU)
+    cpu_isa: str = "avx2"
     workers: int = 2  # worker processes running independent stages side by side (one thread each by default)
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
@@ -178,22 +173,6 @@ class DemoConfig:
 
 def load_demo_config(path: str | None, overrides: list[str] = (), quick: bool = False) -> DemoConfig:
     return load_config(path or DEFAULT_CONFIG, [*(QUICK if quick else []), *overrides], DemoConfig)
-
-
-def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
-    """Environment that pins the CPU numerics of the worker processes (read when their libraries load).
-
-    Bits differ between machines because each library picks its kernels from the host: ATen its vectorised
-    kernels by CPU capability (AVX-512 vs AVX2: different reduction trees in sums, softmax, norms), MKL its GEMM
-    kernels (and blocking) by instruction set, and the thread count (``os.cpu_count()`` by default) decides
-    how reductions are split. Pinning all three makes the results a function of the settings alone."""
-    env = {}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
-    if cpu_isa in CPU_ISAS:
-        aten, mkl, onednn = CPU_ISAS[cpu_isa]
-        env.update(ATEN_CPU_CAPABILITY=aten, MKL_CBWR=mkl, ONEDNN_MAX_CPU_ISA=onednn)
-    return env
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -282,13 +261,7 @@ class Stage:
 def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
     """One worker process (one gloo rank): ``stages`` in order. Returns key -> (metrics of an evaluation, else
     None; seconds), and the worker's machine facts."""
-    # Refuse any op without a deterministic CPU kernel; but do not NaN-fill every torch.empty (the check's
-    # default), which made a training step ~13x slower and changes no result.
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    # A memorising model drives gradients and optimizer updates into the subnormal range, where x86 arithmetic
-    # runs tens of times slower; flushing them to zero (FTZ/DAZ) is itself deterministic.
-    torch.set_flush_denormal(True)
+    pin_process()
     layout = d.job_config("layout", "x")
     distributed.init(layout.parallel, layout.model)
     done = {}
@@ -309,7 +282,7 @@ def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict
             _say(f"{s.key}: done in {done[s.key][1]:.0f} s")
     finally:
         distributed.shutdown()
-    return done, machine_info()
+    return done, numerics_info()
 
 
 def share_out(chains: list[list[Stage]], workers: int) -> list[list[Stage]]:
@@ -413,14 +386,6 @@ def run_pipeline(d: DemoConfig) -> dict:
             "seconds": {k: seconds for k, (_, seconds) in done.items()}, "machine": machine}
     write_outputs(result, info, out)
     return result
-
-
-def machine_info() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}}
 
 
 # --------------------------------------------------------------------------------------------- outputs

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from mdu_dist.demo import load_demo_config, numerics_env
+from mdu_dist.demo import load_demo_config
 from mdu_dist.errors import ConfigError
+from mdu_dist.numerics import numerics_env
 
 MODELS = ["pretrained", "finetuned", "retain-only", "mdu tau=0.5", "ga", "graddiff", "npo", "mdu tau=0.5 lora r=8"]
 SEEDS = ["0", "1"]
@@ -98,6 +99,9 @@ def test_quick_demo_end_to_end(quick_demo):
     assert len(general) == 2 and general <= pretrain and not general & evaluated
     info = json.loads((out / "run_info.json").read_text())
     assert info["machine"]["threads"] == 1 and info["machine"]["cpu_capability"] == "AVX2"
+    # The pins in force, as the worker's libraries report them (MKL's branch: AUTO where it ignored MKL_CBWR).
+    assert info["machine"]["mkl_cbwr_branch"] == "COMPATIBLE" and info["machine"]["mkldnn_enabled"] is False
+    assert not any(f.startswith("AVX512") or f == "X86_V4" for f in info["machine"]["numpy_dispatch"])
 
 
 def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
@@ -112,9 +116,23 @@ def test_quick_demo_is_bit_reproducible(quick_demo, tmp_path):
 
 def test_numerics_env_pins_every_library():
     assert numerics_env("avx2", 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE",
-                                       "ATEN_CPU_CAPABILITY": "avx2",
-                                       "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+                                       "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
+                                       "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                       "NPY_DISABLE_CPU_FEATURES": numerics_env("avx2", 0)["NPY_DISABLE_CPU_FEATURES"]}
+    assert numerics_env("avx2-intel", 0)["MKL_CBWR"] == "AVX2"
     assert numerics_env("native", 0) == {}
+
+
+def test_numpy_pin_leaves_no_loop_above_avx2():
+    """numpy's float64 exp / log differ between its AVX-512 and AVX2 loops (~5 % of elements on this VM): the pin
+    must leave only AVX2-level targets, in the names this numpy knows (a misspelt one is an ImportWarning)."""
+    code = ("from mdu_dist.numerics import _numpy_dispatch; from numpy._core._multiarray_umath import "
+            "__cpu_features__ as f; print(' '.join(x for x in _numpy_dispatch() if f[x]))")
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": numerics_env("avx2", 0)["NPY_DISABLE_CPU_FEATURES"]}
+    proc = subprocess.run([sys.executable, "-W", "error::ImportWarning", "-c", code], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(proc.stdout.split()) <= {"X86_V2", "X86_V3", "AVX", "F16C", "FMA3", "AVX2", "SSE41", "SSE42"}
 
 
 @pytest.mark.parametrize("override, needle", [
@@ -126,7 +144,7 @@ def test_numerics_env_pins_every_library():
     ("methods=[mdu]", "'mdu' is not a baseline"),
     ("batch_size=32", "forget_rows=20 is fewer than batch_size=32"),
     ("seeds=[1,1]", "demo.seeds=[1, 1] must be a non-empty list of distinct seeds"),
-    ("cpu_isa=avx9", "demo.cpu_isa='avx9' must be one of avx2, default, native"),
+    ("cpu_isa=avx9", "demo.cpu_isa='avx9' must be one of avx2, avx2-intel, default, native"),
     ("retain_general_rows=9", "demo.retain_general_rows=9: must be >= 0 and, with general_rows=16, at most "
                               "pretrain_rows=24"),
     ("workers=0", "demo.workers=0 must be >= 1"),
