@@ -13,17 +13,19 @@
    in ``taus``) and the baselines in ``methods`` (same steps and learning rate), then evaluate every model
    (``mdu-dist eval``'s code, ``eval.seed`` = the seed) on the first ``eval_rows`` forget / retain rows and the
    first ``general_rows`` real_authors / world_facts rows; forget quality against that seed's twin evaluation.
-   The three fine-tunes are shared by all seeds (seeded by ``seed``): a seed changes the unlearning's data
-   order, retain pairing and diffusion masks, and the evaluation's ELBO samples.
-4. ``results.json`` (per seed, mean and standard deviation; paths relative to ``output_dir``, no timings, so two
-   runs on one machine give identical bytes), ``results.md`` (the mean ± std table and the checks of what the
-   demo must show), ``run_info.json`` (timings, machine), ``loss_curves.png`` and ``forget_vs_utility.png``
-   (every seed).
+   A seed changes the unlearning's data order, retain pairing and diffusion masks, and the evaluation's ELBO
+   samples.
+4. Steps 2-3 ``replicas`` times, each replica with its own seeds (``replica_seeds``): the spread of the table is
+   that of the whole pipeline, the shared models' training included.
+5. ``results.json`` (every replica and seed, mean and standard deviation; paths relative to ``output_dir``, no
+   timings, so two runs give identical bytes), ``results.md`` (the mean ± std table and the checks of what
+   the demo must show, each held against every replica), ``run_info.json`` (timings, machine, numerics pins),
+   ``loss_curves.png`` and ``forget_vs_utility.png`` (every replica).
 
-Numerics are pinned (``threads``, ``cpu_isa``; see ``numerics_env``) so that the same settings give the same
+Numerics are pinned (``threads``, ``cpu_isa``; see ``mdu_dist.numerics``) so that the same settings give the same
 bits on any x86-64 machine with AVX2, not only on the one that ran them. Stages that do not depend on each
-other (the two fine-tunes; the seeds' unlearning runs and evaluations) run in ``workers`` processes side by
-side, each stage on one thread, so the results do not depend on ``workers``.
+other (the replicas' pre-trainings; their fine-tunes; their unlearning runs and evaluations) run in ``workers``
+processes side by side, each stage on one thread, so the results do not depend on ``workers``.
 """
 
 from __future__ import annotations
@@ -32,14 +34,12 @@ import copy
 import gc
 import json
 import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mdu_dist import distributed
@@ -52,22 +52,18 @@ from mdu_dist.eval.report import aggregate, plot_tradeoff, save_png, table
 from mdu_dist.eval.run import evaluate, retain_model_truth_ratios, write_atomic, write_eval
 from mdu_dist.launch.local import run_ranks
 from mdu_dist.methods import METHODS
+from mdu_dist.numerics import CPU_ISAS, numerics_env, numerics_info, pin_process
 from mdu_dist.trainer import Trainer
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "resources" / "demo.yaml"
 
-# A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two seeds.
+# A minutes-long smoke run (tests, CI): tiny data, one step per job, tiny evaluation, two replicas of one seed.
 QUICK = ["pretrain_rows=4", "pretrain_author_rows=4", "forget_rows=8", "retain_rows=8", "general_rows=3",
          "retain_general_rows=1",
          "eval_rows=3", "batch_size=4", "pretrain_epochs=1", "finetune_epochs=1", "unlearn_epochs=1", "num_samples=2",
-         "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]", "seeds=[0,1]"]
+         "gen_length=8", "steps=4", "block_length=8", "taus=[0.5]", "replicas=2", "seeds=[0]"]
 
-# cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA): one instruction set for ATen's vectorised
-# kernels, MKL's BLAS (conditional numerical reproducibility) and oneDNN, instead of whatever each library
-# detects on the host (AVX-512 on one machine, AVX2 on another: different summation orders, different bits).
-CPU_ISAS = {"avx2": ("avx2", "AVX2", "AVX2"), "default": ("default", "COMPATIBLE", "SSE41")}
-
-# Models whose training is shared by every seed (only their evaluation is per seed).
+# Models trained once per replica, shared by its seeds (only their evaluation is per seed).
 SHARED = ("pretrained", "finetuned", "retain-only")
 
 
@@ -94,9 +90,9 @@ class DemoConfig:
     general_rows: int = 16  # real_authors / world_facts rows evaluated (first N of the pre-training rows)
     eval_rows: int = 20  # forget / retain rows evaluated (at most forget_rows and retain_rows)
     batch_size: int = 8  # rows per optimizer step (every training stage)
-    pretrain_epochs: int = 200
+    pretrain_epochs: int = 100
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 250
+    finetune_epochs: int = 125
     finetune_lr: float = 1e-3
     # A tenth of the fine-tune's learning rate over more steps: at 1e-3, Adam's first steps move every weight
     # about as much, and the tiny model loses its short answers along with the forget set.
@@ -114,10 +110,14 @@ class DemoConfig:
     gen_length: int = 64
     steps: int = 32
     block_length: int = 64
-    seed: int = 0  # the pre-training and the two fine-tunes
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # unlearning + evaluation, one pass each
+    # Whole pipelines, each its own pre-training, fine-tunes and twin: replica r trains them with seed seed + r
+    # and unlearns / evaluates with seeds seeds + r. The table's spread is over replicas and seeds.
+    replicas: int = 3
+    seed: int = 0  # the pre-training and the two fine-tunes (replica 0's)
+    seeds: list[int] = field(default_factory=lambda: [0])  # unlearning + evaluation, one pass each per replica
     threads: int = 1  # torch intra-op threads (summation order depends on it); 0 = one per core
-    cpu_isa: str = "avx2"  # avx2 | default | native (each library picks from the host CPU: not reproducible)
+    # avx2 | avx2-intel | default (mdu_dist.numerics.CPU_ISAS) | native (each library picks from the host CPU)
+    cpu_isa: str = "avx2"
     workers: int = 2  # worker processes running independent stages side by side (one thread each by default)
     base: dict = field(default_factory=dict)  # a Config mapping (model, optim, data, method) every job starts from
 
@@ -144,6 +144,8 @@ class DemoConfig:
             raise ConfigError(f"{where}.retain_general_rows={self.retain_general_rows}: must be >= 0 and, with "
                               f"general_rows={self.general_rows}, at most pretrain_rows={self.pretrain_rows} (the "
                               "retain set takes pre-trained rows that are not evaluated)")
+        if self.replicas < 1:
+            raise ConfigError(f"{where}.replicas={self.replicas} must be >= 1")
         if self.workers < 1:
             raise ConfigError(f"{where}.workers={self.workers} must be >= 1")
         bad = [m for m in self.methods if m not in METHODS or m == "mdu"]
@@ -178,22 +180,6 @@ class DemoConfig:
 
 def load_demo_config(path: str | None, overrides: list[str] = (), quick: bool = False) -> DemoConfig:
     return load_config(path or DEFAULT_CONFIG, [*(QUICK if quick else []), *overrides], DemoConfig)
-
-
-def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
-    """Environment that pins the CPU numerics of the worker processes (read when their libraries load).
-
-    Bits differ between machines because each library picks its kernels from the host: ATen its vectorised
-    kernels by CPU capability (AVX-512 vs AVX2: different reduction trees in sums, softmax, norms), MKL its GEMM
-    kernels (and blocking) by instruction set, and the thread count (``os.cpu_count()`` by default) decides
-    how reductions are split. Pinning all three makes the results a function of the settings alone."""
-    env = {}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
-    if cpu_isa in CPU_ISAS:
-        aten, mkl, onednn = CPU_ISAS[cpu_isa]
-        env.update(ATEN_CPU_CAPABILITY=aten, MKL_CBWR=mkl, ONEDNN_MAX_CPU_ISA=onednn)
-    return env
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -282,13 +268,7 @@ class Stage:
 def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
     """One worker process (one gloo rank): ``stages`` in order. Returns key -> (metrics of an evaluation, else
     None; seconds), and the worker's machine facts."""
-    # Refuse any op without a deterministic CPU kernel; but do not NaN-fill every torch.empty (the check's
-    # default), which made a training step ~13x slower and changes no result.
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    # A memorising model drives gradients and optimizer updates into the subnormal range, where x86 arithmetic
-    # runs tens of times slower; flushing them to zero (FTZ/DAZ) is itself deterministic.
-    torch.set_flush_denormal(True)
+    pin_process()
     layout = d.job_config("layout", "x")
     distributed.init(layout.parallel, layout.model)
     done = {}
@@ -309,7 +289,7 @@ def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict
             _say(f"{s.key}: done in {done[s.key][1]:.0f} s")
     finally:
         distributed.shutdown()
-    return done, machine_info()
+    return done, numerics_info()
 
 
 def share_out(chains: list[list[Stage]], workers: int) -> list[list[Stage]]:
@@ -333,78 +313,92 @@ def run_phase(d: DemoConfig, chains: list[list[Stage]]) -> tuple[dict, dict]:
     return {k: v for done, _ in outs for k, v in done.items()}, outs[0][1]
 
 
+def replica_seeds(d: DemoConfig, replica: int) -> list[int]:
+    """A replica's unlearning / evaluation seeds: ``seeds`` shifted by the replica (its pre-training and
+    fine-tunes use ``seed`` + replica), so that no two replicas share their randomness."""
+    return [s + replica for s in d.seeds]
+
+
 def run_pipeline(d: DemoConfig) -> dict:
-    """Pre-train, fine-tune, twin, then per seed the unlearning runs and every evaluation, in three phases of
-    worker processes; returns the results (also written to disk). Each stage runs on one thread whatever the
-    worker it lands on, so the results do not depend on ``workers``."""
+    """``replicas`` whole pipelines: pre-train, fine-tune and twin, then per seed the unlearning runs and every
+    evaluation, in three phases of worker processes (each over every replica); returns the results (also
+    written to disk). Each stage runs on one thread whatever the worker it lands on, so the results do not
+    depend on ``workers``."""
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
     data = write_data(d, out / "data")
     tokenizer = write_tokenizer(d, data, out / "tokenizer")
+    replicas = range(d.replicas)
+    root = {r: out / f"replica{r}" for r in replicas}
 
-    def train(name: str, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
-        return Stage(f"train {name}" + ("" if seed is None else f" seed {seed}"), name, run_dir,
-                     [f"train.tokenizer={tokenizer}", *extra], seed, job)
+    def train(name: str, r: int, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
+        return Stage(f"train {name} replica {r}" + ("" if seed is None else f" seed {seed}"), name, run_dir,
+                     [f"train.tokenizer={tokenizer}", *extra], d.seed + r if seed is None else seed, job)
 
-    def eval_dir(name: str, seed: int) -> Path:
-        return out / "eval" / f"seed{seed}" / _slug(name)
+    def eval_dir(name: str, r: int, seed: int) -> Path:
+        return root[r] / "eval" / f"seed{seed}" / _slug(name)
 
-    def evaluate(name: str, seed: int, checkpoint: Path) -> Stage:
+    def evaluate(name: str, r: int, seed: int, checkpoint: Path) -> Stage:
         extra = [f"eval.checkpoint={checkpoint}", f"eval.real_authors={data['eval_real_authors']}",
                  f"eval.world_facts={data['eval_world_facts']}"]
         if name != "retain-only":
-            extra.append(f"eval.retain_model_eval={eval_dir('retain-only', seed) / 'eval.json'}")
-        return Stage(f"eval {name} seed {seed}", name, eval_dir(name, seed), extra, seed)
+            extra.append(f"eval.retain_model_eval={eval_dir('retain-only', r, seed) / 'eval.json'}")
+        return Stage(f"eval {name} replica {r} seed {seed}", name, eval_dir(name, r, seed), extra, seed)
 
-    dirs = {"pretrained": out / "pretrain", "finetuned": out / "finetune", "retain-only": out / "retain_only"}
-    done, machine = run_phase(d, [[train("pretrained", dirs["pretrained"], "finetune", [
-        f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])]])
-    ft = [f"train.init={latest_checkpoint(dirs['pretrained'] / 'checkpoints') / 'model'}",
-          f"train.epochs={d.finetune_epochs}", f"optim.lr={d.finetune_lr}"]
-    # The twin's evaluations go with it: every unlearned model's forget quality reads its seed's.
-    more, _ = run_phase(d, [
-        [train("finetuned", dirs["finetuned"], "finetune", [*ft, f"data.finetune={data['finetune_full']}"])],
-        [train("retain-only", dirs["retain-only"], "finetune",
-               [*ft, f"data.finetune={data['finetune_retain_only']}"]),
-         *[evaluate("retain-only", seed, dirs["retain-only"]) for seed in d.seeds]]])
+    def model(run_dir: Path) -> Path:
+        return latest_checkpoint(run_dir / "checkpoints") / "model"
+
+    dirs = {(name, r): root[r] / sub for r in replicas
+            for name, sub in zip(SHARED, ("pretrain", "finetune", "retain_only"))}
+    done, _ = run_phase(d, [[train("pretrained", r, dirs["pretrained", r], "finetune", [
+        f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])]
+        for r in replicas])
+    chains = []
+    for r in replicas:
+        ft = [f"train.init={model(dirs['pretrained', r])}", f"train.epochs={d.finetune_epochs}",
+              f"optim.lr={d.finetune_lr}"]
+        # The twin's evaluations go with it: every unlearned model's forget quality reads its seed's.
+        chains += [[train("finetuned", r, dirs["finetuned", r], "finetune",
+                          [*ft, f"data.finetune={data['finetune_full']}"])],
+                   [train("retain-only", r, dirs["retain-only", r], "finetune",
+                          [*ft, f"data.finetune={data['finetune_retain_only']}"]),
+                    *[evaluate("retain-only", r, seed, dirs["retain-only", r]) for seed in replica_seeds(d, r)]]]
+    more, _ = run_phase(d, chains)
     done.update(more)
-    finetuned = latest_checkpoint(dirs["finetuned"] / "checkpoints") / "model"
     # (name, method, tau, extra overrides, LoRA rank)
     jobs = [(f"mdu tau={tau:g}", "mdu", tau, [], 0) for tau in d.taus] + [(m, m, None, [], 0) for m in d.methods]
     if d.lora_rank:
         jobs.append((f"mdu tau={d.lora_tau:g} lora r={d.lora_rank}", "mdu", d.lora_tau,
                      [f"lora.rank={d.lora_rank}", f"lora.alpha={2 * d.lora_rank}", f"optim.lr={d.lora_lr}"],
                      d.lora_rank))
-    chains = [[evaluate(name, seed, dirs[name])] for seed in d.seeds for name in ("pretrained", "finetuned")]
-    for seed in d.seeds:
-        for name, method, tau, extra, _ in jobs:
-            run_dir = out / "unlearn" / f"seed{seed}" / _slug(name)
-            chains.append([train(name, run_dir, "unlearn", [
-                f"train.init={finetuned}", f"data.forget={data['forget']}", f"data.retain={data['retain']}",
-                f"method.name={method}", f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
-                *([f"method.tau={tau}"] if tau is not None else []), *extra], seed), evaluate(name, seed, run_dir)])
-            dirs[f"{name} seed {seed}"] = run_dir
-    more, _ = run_phase(d, chains)
+    chains = []
+    for r in replicas:
+        for seed in replica_seeds(d, r):
+            chains += [[evaluate(name, r, seed, dirs[name, r])] for name in ("pretrained", "finetuned")]
+            for name, method, tau, extra, _ in jobs:
+                run_dir = dirs[name, r, seed] = root[r] / "unlearn" / f"seed{seed}" / _slug(name)
+                chains.append([train(name, r, run_dir, "unlearn", [
+                    f"train.init={model(dirs['finetuned', r])}", f"data.forget={data['forget']}",
+                    f"data.retain={data['retain']}", f"method.name={method}", f"train.epochs={d.unlearn_epochs}",
+                    f"optim.lr={d.unlearn_lr}", *([f"method.tau={tau}"] if tau is not None else []), *extra], seed),
+                    evaluate(name, r, seed, run_dir)])
+    more, machine = run_phase(d, chains)
     done.update(more)
 
-    runs: dict[str, dict] = {}
-    for name in SHARED:
-        ckpt = latest_checkpoint(dirs[name] / "checkpoints") / "model"
-        runs[name] = {"method": name, "tau": None, "checkpoint": rel(ckpt), "run_dir": rel(dirs[name]),
-                      "seeds": {}}
+    runs = {name: {"method": name, "tau": None, "seeds": {}} for name in SHARED}
     for name, method, tau, _, rank in jobs:
         runs[name] = {"method": method, "tau": tau, "seeds": {}, **({"lora_rank": rank} if rank else {})}
     for name, run in runs.items():
-        for seed in d.seeds:
-            entry = run["seeds"][str(seed)] = {}
-            if name not in SHARED:
-                run_dir = dirs[f"{name} seed {seed}"]
-                latest = latest_checkpoint(run_dir / "checkpoints")
+        for r in replicas:
+            for seed in replica_seeds(d, r):
+                run_dir = dirs[name, r] if name in SHARED else dirs[name, r, seed]
                 # A LoRA run's checkpoint is its adapters (over the fine-tuned model), not a model.
-                entry.update(checkpoint=rel(latest / ("adapter" if "lora_rank" in run else "model")),
-                             run_dir=rel(run_dir))
-            entry.update(metrics=done[f"eval {name} seed {seed}"][0], eval_dir=rel(eval_dir(name, seed)))
+                ckpt = latest_checkpoint(run_dir / "checkpoints") / ("adapter" if "lora_rank" in run else "model")
+                run["seeds"][f"replica {r} seed {seed}"] = {
+                    "replica": r, "seed": seed, "checkpoint": rel(ckpt), "run_dir": rel(run_dir),
+                    "metrics": done[f"eval {name} replica {r} seed {seed}"][0],
+                    "eval_dir": rel(eval_dir(name, r, seed))}
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
     # Where it ran and how many workers ran it change no number.
     settings = {k: v for k, v in asdict(d).items() if k not in ("output_dir", "workers")}
@@ -413,14 +407,6 @@ def run_pipeline(d: DemoConfig) -> dict:
             "seconds": {k: seconds for k, (_, seconds) in done.items()}, "machine": machine}
     write_outputs(result, info, out)
     return result
-
-
-def machine_info() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **{k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")}}
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -432,43 +418,71 @@ KEEP = 0.1  # retain / general ROUGE within this much of the fine-tuned model's 
 KEPT_KEYS = (("retain", "retain_Q_A_ROUGE"), ("real authors", "ra_Q_A_ROUGE"), ("world facts", "wf_Q_A_ROUGE"))
 
 
+def replica_means(run: dict) -> dict[int, dict]:
+    """A run's metrics averaged over each replica's seeds, by replica."""
+    per: dict[int, list[dict]] = {}
+    for entry in run["seeds"].values():
+        per.setdefault(entry["replica"], []).append(entry["metrics"])
+    return {r: aggregate(metrics)[0] for r, metrics in per.items()}
+
+
+def claims(means: dict[str, dict], methods: dict[str, str]) -> dict[str, tuple[bool, str]]:
+    """What the demo must show, for one replica: claim -> (whether it holds, the numbers behind it), from the
+    seed means ``means`` of every model (``methods``: each model's method)."""
+    f = {name: m["forget_Q_A_ROUGE"] for name, m in means.items()}
+    ft, twin = means["finetuned"], f["retain-only"]
+    unlearned = [n for n in means if n not in SHARED]
+    matched = [n for n in unlearned if f[n] <= twin + MATCH]
+    utility = {n: means[n]["model_utility"] for n in unlearned}
+    out = {"fine-tuned forget ROUGE >= 0.9": (f["finetuned"] >= 0.9, f"{f['finetuned']:.3f}")}
+    for n in unlearned:
+        out[f"{n} reaches the twin's forget level (forget ROUGE <= twin + {MATCH})"] = (
+            n in matched, f"{f[n]:.3f}, twin {twin:.3f}")
+    mdu = [n for n in matched if methods[n] == "mdu"]
+    best = max(mdu, key=lambda n: utility[n]) if mdu else None
+    for n in (n for n in unlearned if methods[n] == "mdu"):
+        out[f"{n} is the best MDU at that level (highest model utility)"] = (n == best, f"{utility[n]:.3f}")
+    for label, key in KEPT_KEYS:
+        delta = None if best is None else means[best][key] - ft[key]
+        out[f"the best MDU keeps {label} ROUGE within {KEEP} of the fine-tuned model's"] = (
+            delta is not None and abs(delta) <= KEEP, "no MDU at that level" if best is None else
+            f"{best} {delta:+.3f}")
+    rivals = [n for n in matched if methods[n] != "mdu"]
+    out["the best MDU's model utility is above every baseline's at that level"] = (
+        best is not None and bool(rivals) and all(utility[best] > utility[n] for n in rivals),
+        "no MDU at that level" if best is None else f"{best} {utility[best]:.3f} vs "
+        + (", ".join(f"{n} {utility[n]:.3f}" for n in rivals) or "no baseline there"))
+    return out
+
+
 def checks(result: dict) -> list[str]:
-    """What the demo must show, each line computed from the seed means in ``result``."""
+    """The claims of ``claims``, each tested in every replica (its seed means): those that hold in every
+    replica, those that hold in some (which), those that hold in none; each with every replica's numbers."""
     runs = result["runs"]
-    f = {name: run["mean"]["forget_Q_A_ROUGE"] for name, run in runs.items()}
-    ft, twin = runs["finetuned"]["mean"], f["retain-only"]
-    level = twin + MATCH
-    unlearned = [n for n in runs if n not in SHARED]
-    matched = [n for n in unlearned if f[n] <= level]
-    utility = {n: runs[n]["mean"]["model_utility"] for n in unlearned}
-    lines = [f"- fine-tuned forget ROUGE {f['finetuned']:.3f} ({'>=' if f['finetuned'] >= 0.9 else '<'} 0.9); "
-             f"retain-only twin {twin:.3f}.",
-             f"- forget level matched: forget ROUGE <= twin + {MATCH} = {level:.3f}; runs there: "
-             + (", ".join(f"{n} ({f[n]:.3f})" for n in matched) or "none") + "; not there: "
-             + (", ".join(f"{n} ({f[n]:.3f})" for n in unlearned if n not in matched) or "none") + "."]
-    mdu = [n for n in matched if runs[n]["method"] == "mdu"]
-    if not mdu:
-        return lines + ["- no MDU run reached the twin's forget level."]
-    best = max(mdu, key=lambda n: utility[n])
-    kept = [(label, runs[best]["mean"][k] - ft[k]) for label, k in KEPT_KEYS]
-    lines.append(f"- best MDU at that level: {best} (model utility {utility[best]:.3f}); ROUGE change against "
-                 "the fine-tuned model: " + ", ".join(f"{label} {delta:+.3f}" for label, delta in kept)
-                 + (f" (all within {KEEP})" if all(abs(x) <= KEEP for _, x in kept) else
-                    f" (not all within {KEEP})") + ".")
-    rivals = [n for n in matched if runs[n]["method"] != "mdu"]
-    if rivals:
-        above = all(utility[best] > utility[n] for n in rivals)
-        lines.append(f"- model utility at the matched level: {best} {utility[best]:.3f} "
-                     f"{'above' if above else 'not above'} every baseline there ("
-                     + ", ".join(f"{n} {utility[n]:.3f}" for n in rivals) + ").")
-    else:
-        lines.append("- no baseline reached the matched forget level, so none compares at it.")
-    return lines
+    per_run = {name: replica_means(run) for name, run in runs.items()}
+    replicas = sorted(per_run["finetuned"])
+    methods = {name: run["method"] for name, run in runs.items()}
+    tested = [claims({name: per_run[name][r] for name in runs}, methods) for r in replicas]
+    groups: dict[str, list[str]] = {"every": [], "some": [], "none": []}
+    for claim in tested[0]:
+        holds = [r for r, c in zip(replicas, tested) if c[claim][0]]
+        numbers = "; ".join(f"replica {r}: {c[claim][1]}" for r, c in zip(replicas, tested))
+        if len(holds) == len(replicas):
+            groups["every"].append(f"- {claim} ({numbers}).")
+        elif holds:
+            groups["some"].append(f"- {claim}: only in replica{'s' * (len(holds) > 1)} "
+                                  f"{', '.join(map(str, holds))} ({numbers}).")
+        elif "is the best MDU" not in claim:  # an MDU run that is best nowhere is no finding
+            groups["none"].append(f"- {claim}: in no replica ({numbers}).")
+    return ["Hold in every replica:", "", *(groups["every"] or ["- none."]), "",
+            "Hold in some replicas only (not conclusions):", "", *(groups["some"] or ["- none."]), "",
+            "Hold in no replica:", "", *(groups["none"] or ["- none."])]
 
 
 def results_markdown(result: dict, info: dict) -> str:
     s = result["settings"]
-    seeds = s["seeds"]
+    n = s["replicas"]
+    seeds = ("seed " if len(s["seeds"]) == 1 else "seeds ") + ", ".join(f"{x} + r" for x in s["seeds"])
     replay = " + the pre-trained real_authors / world_facts rows again" if s["replay_facts"] else ""
     lines = ["# mdu-dist demo: TOFU unlearning with a tiny LLaDA-shaped model on CPU", "",
              f"Pre-trained on the first {s['pretrain_rows']} rows each of real_authors and world_facts and the "
@@ -477,19 +491,19 @@ def results_markdown(result: dict, info: dict) -> str:
              f"{s['forget_rows']} rows of forget10 (the forget set) + the first {s['retain_rows']} of retain90"
              f"{replay}, and a retain-only twin on the same minus the forget rows "
              f"({s['finetune_epochs']} epochs at lr "
-             f"{s['finetune_lr']:g}; these three shared by all seeds, seed {s['seed']}). Unlearning: "
+             f"{s['finetune_lr']:g}; these three trained once per replica r, seed {s['seed']} + r). Unlearning: "
              f"{s['unlearn_epochs']} epochs at lr {s['unlearn_lr']:g}, batch {s['batch_size']}; retain set: those "
              f"{s['retain_rows']} retain90 rows + {s['retain_general_rows']} pre-trained real_authors and "
              f"world_facts rows each that are not evaluated. Evaluated on the first {s['eval_rows']} forget / "
              f"retain rows and the first {s['general_rows']} real_authors / world_facts rows (never in a retain "
              f"set), {s['num_samples']} ELBO samples per answer, greedy generation of {s['gen_length']} tokens in "
-             f"{s['steps']} steps. Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
-             "(unlearning and evaluation).", "", *table(result["runs"])]
+             f"{s['steps']} steps, {seeds} (unlearning and evaluation). {n} replica{'s' * (n > 1)} of the whole "
+             f"pipeline: mean ± sample standard deviation over replicas and seeds.", "", *table(result["runs"])]
     m = info["machine"]
     lines += ["", "forget quality: KS-test p-value of the forget truth ratios against the retain-only twin's "
               "(1 for the twin itself; higher = closer to never having seen the forget set). model utility: "
               "harmonic mean of the nine retain / real-authors / world-facts numbers.", "",
-              "## Checks (seed means)", "", *checks(result), "",
+              "## Checks (each replica's seed means)", "", *checks(result), "",
               f"Ran in {info['total_seconds'] / 60:.1f} min on {m['cpu']} ({m['cores']} cores; torch {m['torch']}, "
               f"{m['threads']} threads, ATen CPU capability {m['cpu_capability']}); per stage in run_info.json."]
     return "\n".join(lines) + "\n"
@@ -514,27 +528,25 @@ def plot_losses(result: dict, out: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    offset = 0  # pre-training, then the fine-tunes, on one step axis
-    for name in SHARED[:2]:
-        steps, values = zip(*_scalars(out / result["runs"][name]["run_dir"])["lm loss"])
-        steps = [offset + s for s in steps]
-        line, = axes[0].plot(steps, values, alpha=0.25)
-        axes[0].plot(steps, _smooth(list(values)), color=line.get_color(), label=f"{name} (moving avg.)")
-        if name == "pretrained":
-            twin = _scalars(out / result["runs"]["retain-only"]["run_dir"])["lm loss"]
-            axes[0].plot([steps[-1] + s for s, _ in twin], _smooth([v for _, v in twin]), label="retain-only "
-                         "(moving avg.)")
-        offset = steps[-1]
     linestyles = ["-", "--", ":", "-."]
+    # Each replica's pre-training, then its two fine-tunes from where it ended, on one step axis.
+    shared = {name: {e["replica"]: e["run_dir"] for e in result["runs"][name]["seeds"].values()} for name in SHARED}
+    for r, pretrain in shared["pretrained"].items():
+        steps, values = zip(*_scalars(out / pretrain)["lm loss"])
+        axes[0].plot(steps, _smooth(list(values)), color="C0", ls=linestyles[r % 4], label=f"pretrained replica {r}")
+        for i, name in enumerate(SHARED[1:], 1):
+            tuned = _scalars(out / shared[name][r])["lm loss"]
+            axes[0].plot([steps[-1] + s for s, _ in tuned], _smooth([v for _, v in tuned]), color=f"C{i}",
+                         ls=linestyles[r % 4], label=f"{name} replica {r}")
     for i, (name, run) in enumerate((n, r) for n, r in result["runs"].items() if n not in SHARED):
-        for j, (seed, s) in enumerate(run["seeds"].items()):
+        for j, (key, s) in enumerate(run["seeds"].items()):
             scalars = _scalars(out / s["run_dir"])
             for ax, tag in ((axes[1], "unlearn/forget-loss"), (axes[2], "unlearn/retain-loss")):
                 if tag in scalars and any(v != 0 for _, v in scalars[tag]):  # GA has no retain term (logged as 0)
                     steps, values = zip(*scalars[tag])
                     ax.plot(steps, values, color=f"C{i % 10}", ls=linestyles[j % 4], alpha=0.8,
-                            label=f"{name} seed {seed}")
-    for ax, title in zip(axes, ("pre-training, then fine-tuning loss", "unlearning: forget loss",
+                            label=f"{name} {key}")
+    for ax, title in zip(axes, ("pre-training, then fine-tuning loss (moving avg.)", "unlearning: forget loss",
                                 "unlearning: retain loss")):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -564,8 +576,7 @@ def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) 
     print(f"demo finished in {(time.perf_counter() - start) / 60:.1f} min")
     print(f"table:        {out / 'results.md'}\nnumbers:      {out / 'results.json'} (timings: "
           f"{out / 'run_info.json'})\nplots:        {out / 'loss_curves.png'}, {out / 'forget_vs_utility.png'}\n"
-          f"evaluations:  {out / 'eval'}/seed<N>/<model>/eval.json, eval.md\n"
+          f"evaluations:  {out}/replica<R>/eval/seed<N>/<model>/eval.json, eval.md\n"
           f"TensorBoard:  tensorboard --logdir {out}\n"
-          f"checkpoints:  {out}/pretrain, {out}/finetune, {out}/retain_only, "
-          f"{out}/unlearn/seed<N>/<method>/checkpoints")
+          f"checkpoints:  {out}/replica<R>/pretrain, finetune, retain_only, unlearn/seed<N>/<method>/checkpoints")
     return 0 if result["runs"] else 1

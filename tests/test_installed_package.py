@@ -25,8 +25,8 @@ def test_demo_runs_from_a_non_editable_install_in_an_empty_directory(tmp_path):
                            capture_output=True, text=True, check=True).stdout.strip()
     assert Path(where).is_relative_to(target), f"imported {where}, not the installed copy"
 
-    # The quick demo, cut to one seed, one MDU run and no baselines: the default config is all it needs.
-    demo = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", "seeds=[0]", "taus=[0.5]",
+    # The quick demo, cut to one replica, one MDU run and no baselines: the default config is all it needs.
+    demo = subprocess.run([sys.executable, "-m", "mdu_dist.cli", "demo", "--quick", "replicas=1", "taus=[0.5]",
                            "methods=[]", "workers=1"], cwd=empty, env=env, capture_output=True, text=True,
                           timeout=900)
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-3000:]
