@@ -24,7 +24,7 @@ pairs = [{"question": q.question, "answer": q.answer} for split in ("forget10_pe
          for q in load_pairs(split, "", limit=rows)]
 (out / "finetune.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
 EOF
-COMMON=(--config configs/llada2_tiny.yaml data.limit="$ROWS" optim.micro_batch_size=8 train.progress=false
+COMMON=(--config configs/llada2_tiny.yaml optim.micro_batch_size=8 train.progress=false
         eval.forget=forget10_perturbed eval.retain=retain_perturbed)
 declare -A LAYOUT=(
     [block]="data.layout=block model.block_size=32 eval.sampler=block"
@@ -36,7 +36,7 @@ for name in block full; do
     "${CLI[@]}" finetune "${COMMON[@]}" "${keys[@]}" data.finetune="$OUT/finetune.jsonl" data.pad_in_response=true \
         optim.lr=1e-3 optim.warmup_ratio=0.1 train.epochs="$EPOCHS" train.output_dir="$run/ft"
     ft=$(ls -d "$run"/ft/checkpoints/step-* | sort -t- -k2 -n | tail -1)/model
-    "${CLI[@]}" unlearn "${COMMON[@]}" "${keys[@]}" train.init="$ft" method.name=mdu method.tau=0.5 \
+    "${CLI[@]}" unlearn "${COMMON[@]}" "${keys[@]}" train.init="$ft" method.name=mdu method.tau=0.5 data.limit="$ROWS" \
         data.forget=forget10 data.retain=retain_perturbed optim.lr=1e-4 optim.warmup_ratio=0.1 \
         train.epochs="$UNLEARN_EPOCHS" train.output_dir="$run/mdu"
     for model in ft mdu; do
