@@ -30,4 +30,4 @@ def test_a_readme_without_one_block_is_refused():
 def test_the_readme_holds_a_results_block():
     text = (TOOL.parent.parent / "README.md").read_text()
     block = text.split(paste.BEGIN, 1)[1].split(paste.END, 1)[0]
-    assert "| model | forget ROUGE |" in block and "## Checks (seed means)" in block
+    assert "| model | forget ROUGE |" in block and "## Checks (each replica's seed means)" in block
