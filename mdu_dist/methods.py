@@ -338,3 +338,8 @@ METHODS: dict[str, type[Objective]] = {"mdu": MDU, "ga": GA, "graddiff": GradDif
 def build_objective(cfg: MethodConfig, mask_token_id: int, layout: Layout = Layout()) -> Objective:
     cfg.validate()
     return METHODS[cfg.name](cfg, mask_token_id, layout)
+
+
+def job_objective(job: str, cfg: MethodConfig, mask_token_id: int, layout: Layout = Layout()) -> Objective:
+    """What a job trains: ``finetune`` the SFT loss, ``unlearn`` the configured method."""
+    return SFT(cfg, mask_token_id, layout) if job == "finetune" else build_objective(cfg, mask_token_id, layout)

@@ -63,7 +63,8 @@ from mdu_dist.config import Config, LoRAConfig, ModelConfig
 from mdu_dist.data import Pairs
 from mdu_dist.errors import ConfigError
 from mdu_dist.losses.divergence import chunk_rows
-from mdu_dist.methods import SFT, build_objective
+from mdu_dist.layout import Layout
+from mdu_dist.methods import job_objective
 from mdu_dist.models.arch import is_moe_layer
 from mdu_dist.models.dense import count_active_parameters, count_parameters, init_weights
 from mdu_dist.models.lora import adapter_parameters
@@ -195,14 +196,13 @@ def layouts(cfg: ModelConfig, gpus: int) -> list[tuple[int, int, int]]:
 def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_fraction: float) -> Workload:
     """Count the passes of one micro-batch by asking the objective itself (on a 1 x 1 dummy batch)."""
     m = cfg.model
-    objective = SFT(cfg.method, m.mask_token_id) if job == "finetune" else build_objective(cfg.method,
-                                                                                          m.mask_token_id)
+    objective = job_objective(job, cfg.method, m.mask_token_id, Layout(cfg.data.layout, m.block_size))
     dummy = Pairs(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool))
     drawn = objective.draw({n: dummy for n in ("train", "forget", "retain", "idk")}, torch.Generator())
     passes = objective.passes(drawn)
     n_ref = sum(p.reference for p in passes)
     return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref, cfg.train.recompute,
-                    copies=2 if cfg.data.layout == "block" else 1)
+                    copies=2 if objective.layout.two_copy else 1)
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:

@@ -28,7 +28,7 @@ from mdu_dist.data import collate_parts, longest
 from mdu_dist.errors import ConfigError
 from mdu_dist.inputs import prepare as prepare_inputs, steps_per_epoch
 from mdu_dist.layout import Layout
-from mdu_dist.methods import SFT, VocabShard, build_objective, microbatch_loss, prepare
+from mdu_dist.methods import VocabShard, job_objective, microbatch_loss, prepare
 from mdu_dist.models.mcore import build_stage
 from mdu_dist.models.paired import PolicyAndReference
 from mdu_dist.monitor import Monitor, check_finite
@@ -88,9 +88,7 @@ class Trainer:
             added = [i for i, t in inputs.tokenizer.added_tokens_decoder.items() if t.special]
             cfg.method.special_token_ids = sorted({*added, *inputs.tokenizer.all_special_ids, m.mask_token_id,
                                                    m.eos_token_id, m.pad_token_id})
-        layout = Layout(cfg.data.layout, m.block_size)
-        self.objective = (SFT(cfg.method, m.mask_token_id, layout) if job == "finetune"
-                          else build_objective(cfg.method, m.mask_token_id, layout))
+        self.objective = job_objective(job, cfg.method, m.mask_token_id, Layout(cfg.data.layout, m.block_size))
         dtype = resolve_dtype(cfg.optim)
         lora = cfg.lora if cfg.lora.enabled else None
         self.policy = build_stage(m, dtype, cfg.train.recompute, lora)
