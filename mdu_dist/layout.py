@@ -59,6 +59,11 @@ class Layout:
     def two_copy(self) -> bool:
         return self.name == "block"
 
+    @property
+    def copies(self) -> int:
+        """Sequences of one row in the model's input: [x_t ; x_0] in ``block``."""
+        return 2 if self.two_copy else 1
+
     def sequence(self, noisy: Tensor, clean: Tensor) -> Tensor:
         """The model's input for rows ``noisy`` (x_t) with clean copies ``clean`` (x_0), both [B, L]."""
         return torch.cat([noisy, clean], dim=1) if self.two_copy else noisy

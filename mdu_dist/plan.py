@@ -202,7 +202,7 @@ def workload(cfg: Config, job: str, micro_batch_size: int, seq_len: int, masked_
     passes = objective.passes(drawn)
     n_ref = sum(p.reference for p in passes)
     return Workload(micro_batch_size, seq_len, masked_fraction, len(passes) - n_ref, n_ref, cfg.train.recompute,
-                    copies=2 if objective.layout.two_copy else 1)
+                    copies=objective.layout.copies)
 
 
 def plan(cfg: Config, gpus: int, gpu_mem_gib: float, w: Workload) -> list[Row]:

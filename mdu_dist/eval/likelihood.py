@@ -158,7 +158,7 @@ def score_packed(logits_fn: MaskedLogitsFn, answers: list[tuple[Tensor, Tensor, 
     at positions 0..longest-1) under ``layout.mask``, and scored X = Σ_b (L_b / l_b) Σ_{i ∈ S_b} CE_i over its
     blocks (the module docstring); a mask row must then mask at least one token of every block.
     """
-    copies = 2 if layout.two_copy else 1
+    copies = layout.copies
     rows = []  # (triple index, sequence ids, scored positions, target ids, block weights or None)
     for t, (prompt, answer, masks) in enumerate(answers):
         n_answer, n_prompt = answer.numel(), prompt.numel()

@@ -279,7 +279,7 @@ def elbo_units(cfg, tok, split: str, items: list[Item]) -> list[Unit]:
     answers = []
     for row, it in enumerate(items):
         answers += [(row, which, *encode(tok, cfg.data.max_length, it.question, text)) for which, text in it.scored()]
-    copies = 2 if cfg.data.layout == "block" else 1  # the block layout feeds [x_t ; x_0]
+    copies = Layout(cfg.data.layout, cfg.model.block_size).copies
     row, which, prompt, ans = max(answers, key=lambda a: a[2].numel() + a[3].numel())
     longest = copies * (prompt.numel() + ans.numel())
     if longest > e.tokens_per_batch:
