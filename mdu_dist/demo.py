@@ -92,7 +92,7 @@ class DemoConfig:
     batch_size: int = 8  # rows per optimizer step (every training stage)
     pretrain_epochs: int = 100
     pretrain_lr: float = 1e-3
-    finetune_epochs: int = 125
+    finetune_epochs: int = 175
     finetune_lr: float = 1e-3
     # A tenth of the fine-tune's learning rate over more steps: at 1e-3, Adam's first steps move every weight
     # about as much, and the tiny model loses its short answers along with the forget set.
