@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from debian import ensure_packages
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 SUBNET = "10.213"  # the cluster takes one free 10.213.X.0/24
@@ -71,17 +72,8 @@ def _run(*cmd: str) -> None:
 
 
 def _ensure_installed(*tools: str) -> None:
-    wanted = {"slurm-wlm": (*DAEMONS, "sbatch", "srun", "sinfo", "scontrol"), "munge": ("munged",),
-              "iproute2": tools, "util-linux": ("unshare", "nsenter") if tools else ()}
-    missing = [pkg for pkg, cmds in wanted.items() if not all(shutil.which(c) for c in cmds)]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        pytest.skip(f"{', '.join(missing)} not installed and apt-get is not available to install them")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}"
+    ensure_packages({"slurm-wlm": (*DAEMONS, "sbatch", "srun", "sinfo", "scontrol"), "munge": ("munged",),
+                     "iproute2": tools, "util-linux": ("unshare", "nsenter") if tools else ()})
 
 
 def _free_port() -> int:

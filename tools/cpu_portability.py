@@ -102,18 +102,20 @@ def _run_probe(prefix: list[str], env: dict[str, str]) -> dict[str, str]:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def ops(cpus: list[str], cpu_isa: str) -> int:
+def ops(cpus: list[str], cpu_isa: str, as_json: bool = False) -> int:
+    """Exit status 1 when some op's bits differ under some CPU model; ``as_json``: one line, op -> those models."""
     qemu, env = _qemu(), _env(cpu_isa)
     native = _run_probe([], env)
     emulated = {cpu: _run_probe([qemu, "-cpu", cpu], env) for cpu in cpus}
-    print(f"cpu_isa={cpu_isa}: each op's output bits, native against qemu -cpu {' / '.join(cpus)}")
-    differ = 0
-    for op, bits in native.items():
-        moved = [cpu for cpu in cpus if emulated[cpu][op] != bits]
-        differ += bool(moved)
-        print(f"  {op:28s} {'differs under ' + ', '.join(moved) if moved else 'same bits'}")
-    print(f"{differ} of {len(native)} ops differ")
-    return 1 if differ else 0
+    moved = {op: [cpu for cpu in cpus if emulated[cpu][op] != bits] for op, bits in native.items()}
+    if as_json:
+        print(json.dumps(moved))
+    else:
+        print(f"cpu_isa={cpu_isa}: each op's output bits, native against qemu -cpu {' / '.join(cpus)}")
+        for op, where in moved.items():
+            print(f"  {op:28s} {'differs under ' + ', '.join(where) if where else 'same bits'}")
+        print(f"{sum(map(bool, moved.values()))} of {len(moved)} ops differ")
+    return 1 if any(moved.values()) else 0
 
 
 # ------------------------------------------------------------------------------------------ quick demo
@@ -198,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("ops", help="each op's bits, native against emulated processors (about a minute)")
     o.add_argument("--cpus", nargs="+", default=["Haswell", "EPYC-Rome"], help="qemu CPU models")
     o.add_argument("--cpu-isa", default="avx2", help="the demo's cpu_isa whose pins apply (mdu_dist/numerics.py)")
+    o.add_argument("--json", action="store_true", help="one JSON line: each op -> the models it differs under")
     d = sub.add_parser("quick-demo", help="the quick demo under one emulated processor against the golden file")
     d.add_argument("--cpu", default="EPYC-Rome", help="qemu CPU model (qemu-x86_64 -cpu help lists them)")
     d.add_argument("--out", default="runs/quick_qemu", help="the demo's output_dir")
     d.add_argument("overrides", nargs="*", help="demo key=value overrides")
     args = ap.parse_args(argv)
     if args.cmd == "ops":
-        return ops(args.cpus, args.cpu_isa)
+        return ops(args.cpus, args.cpu_isa, args.json)
     return quick_demo(args.cpu, Path(args.out).absolute(), args.overrides)
 
 
