@@ -50,11 +50,9 @@ def _qemu() -> str:
     return qemu
 
 
-def _env(cpu_isa: str) -> dict[str, str]:
-    from mdu_dist.numerics import numerics_env
-
-    return {**os.environ, **numerics_env(cpu_isa, 1),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _env(**extra: str) -> dict[str, str]:
+    """The children's environment: this checkout's mdu_dist first on the path, and ``extra``."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 # ------------------------------------------------------------------------------------------------ ops
@@ -104,7 +102,9 @@ def _run_probe(prefix: list[str], env: dict[str, str]) -> dict[str, str]:
 
 def ops(cpus: list[str], cpu_isa: str, as_json: bool = False) -> int:
     """Exit status 1 when some op's bits differ under some CPU model; ``as_json``: one line, op -> those models."""
-    qemu, env = _qemu(), _env(cpu_isa)
+    from mdu_dist.numerics import numerics_env
+
+    qemu, env = _qemu(), _env(**numerics_env(cpu_isa, 1))
     native = _run_probe([], env)
     emulated = {cpu: _run_probe([qemu, "-cpu", cpu], env) for cpu in cpus}
     moved = {op: [cpu for cpu in cpus if emulated[cpu][op] != bits] for op, bits in native.items()}
@@ -172,9 +172,8 @@ def quick_demo(cpu: str, out: Path, overrides: list[str]) -> int:
         wrapper = Path(tmp) / "python"
         wrapper.write_text(f'#!/bin/sh\nexec {qemu} -cpu {cpu} {sys.executable} "$@"\n')
         wrapper.chmod(0o755)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         proc = subprocess.Popen([str(wrapper), __file__, INSIDE, str(wrapper), f"output_dir={out}", *overrides],
-                                stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                                stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         for line in proc.stderr:
             if QEMU_NOISE not in line:
                 sys.stderr.write(line)
