@@ -1,5 +1,6 @@
 """Optimisation through DeepSpeed: AdamW under ZeRO-1/2/3 (optimizer state optionally offloaded to the CPU),
-global-norm clipping, linear warm-up then cosine decay, gradient accumulation, bf16 on GPU / fp32 on CPU.
+global-norm clipping, linear warm-up then cosine decay, gradient accumulation, bf16 on GPU / fp32 on CPU. On CPU
+without offload the AdamW is ``mdu_dist.adamw.PortableAdamW`` (the same bits on any x86-64 processor).
 
 DeepSpeed sees megatron-core's groups through ``MegatronMPU``: it partitions optimizer state and averages
 gradients over the data-parallel group only, and sums gradient norms over the tensor x pipeline group.
@@ -32,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from mdu_dist.adamw import PortableAdamW
 from mdu_dist.errors import ConfigError
 from mdu_dist.pipeline import ForwardFn, LossFn, run_microbatches
 
@@ -216,12 +218,32 @@ def schedule(cfg: OptimConfig) -> WarmupCosine:
     return WarmupCosine(cfg.num_warmup_steps(), cfg.total_steps, cfg.min_lr / cfg.lr)
 
 
+def portable_optimizer(cfg: OptimConfig) -> bool:
+    """Whether the optimizer is mdu-dist's ``PortableAdamW`` (a CPU run without offload: the same bits on any
+    x86-64 processor) rather than one DeepSpeed builds from its config (on GPU torch's fused / foreach AdamW,
+    whose CUDA square root is correctly rounded already; with offload DeepSpeedCPUAdam)."""
+    return not torch.cuda.is_available() and cfg.offload_optimizer == "none"
+
+
 def ds_config(cfg: OptimConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """DeepSpeed's config dict for ``cfg``; the schedule is passed separately (``build_engine``)."""
+    """DeepSpeed's config dict for ``cfg``; the schedule is passed separately (``build_engine``), and so is the
+    optimizer where ``portable_optimizer(cfg)``."""
     offload = cfg.offload_optimizer == "cpu"
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if portable_optimizer(cfg):
+        # DeepSpeed names the optimizers its ZeRO was tested with by exact type; PortableAdamW is torch's AdamW
+        # update with one operation exact.
+        optimizer: dict[str, Any] = {"zero_allow_untested_optimizer": True}
+    else:
+        optimizer = {"optimizer": {
+            "type": "AdamW",
+            # Without offload: torch's AdamW (needs no compiled kernel; fused/foreach on GPU). With offload
+            # DeepSpeed always uses its DeepSpeedCPUAdam (JIT-built once into TORCH_EXTENSIONS_DIR).
+            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
+                       "torch_adam": not offload},
+        }}
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -229,13 +251,7 @@ def ds_config(cfg: OptimConfig, dtype: torch.dtype) -> dict[str, Any]:
         # schedule) are reduced and applied by the same call; see the module docstring.
         "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            # Without offload: torch's AdamW (needs no compiled kernel; fused/foreach on GPU). With offload
-            # DeepSpeed always uses its DeepSpeedCPUAdam (JIT-built once into TORCH_EXTENSIONS_DIR).
-            "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
-                       "torch_adam": not offload},
-        },
+        **optimizer,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": 2**62,  # the trainer reports; DeepSpeed's own progress lines would interleave
@@ -267,8 +283,11 @@ def build_engine(model: torch.nn.Module, cfg: OptimConfig):
     cfg.validate()
     check_pipeline(cfg, parallel_state.get_pipeline_model_parallel_world_size())
     lr_lambda = schedule(cfg)
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = (PortableAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+                 if portable_optimizer(cfg) else None)
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.weight_decay),
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else groups,
         config=ds_config(cfg, resolve_dtype(cfg)),
         mpu=MegatronMPU(), lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
     )

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                 "mdu_dist.launch", "mdu_dist.eval")),
     ("sections and kernels", ("mdu_dist.data", "mdu_dist.diffusion", "mdu_dist.layout", "mdu_dist.pipeline",
                               "mdu_dist.monitor", "mdu_dist.losses", "mdu_dist.losses.*", "mdu_dist.methods",
-                              "mdu_dist.optim", "mdu_dist.launch.config", "mdu_dist.eval.config",
+                              "mdu_dist.optim", "mdu_dist.adamw", "mdu_dist.launch.config", "mdu_dist.eval.config",
                               "mdu_dist.eval.likelihood", "mdu_dist.eval.sampler", "mdu_dist.eval.block_sampler",
                               "mdu_dist.eval.metrics", "mdu_dist.models", "mdu_dist.models.arch",
                               "mdu_dist.models.llada", "mdu_dist.models.dream", "mdu_dist.models.llada2",

@@ -349,17 +349,22 @@ def test_zero2_and_zero3_refused_with_pipeline_parallelism(stage):
 
 
 def test_deepspeed_config():
-    from mdu_dist.optim import ds_config, resolve_dtype
+    from mdu_dist.optim import ds_config, portable_optimizer, resolve_dtype
 
     assert resolve_dtype(_optim()) == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
     assert resolve_dtype(_optim(dtype="bf16")) == torch.bfloat16
 
     plain = ds_config(_optim(zero_stage=2), torch.float32)
     assert plain["zero_optimization"] == {"stage": 2}
-    assert plain["optimizer"]["params"]["torch_adam"] is True
+    if torch.cuda.is_available():
+        assert plain["optimizer"]["params"]["torch_adam"] is True
+    else:  # build_engine hands DeepSpeed a PortableAdamW
+        assert portable_optimizer(_optim(zero_stage=2))
+        assert "optimizer" not in plain and plain["zero_allow_untested_optimizer"] is True
     assert plain["bf16"] == {"enabled": False}
     assert plain["gradient_clipping"] == 0.5 and plain["gradient_accumulation_steps"] == GAS
     offloaded = ds_config(_optim(zero_stage=3, offload_optimizer="cpu"), torch.bfloat16)
+    assert not portable_optimizer(_optim(zero_stage=3, offload_optimizer="cpu"))
     assert offloaded["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert offloaded["optimizer"]["params"]["torch_adam"] is False  # DeepSpeedCPUAdam
     assert offloaded["bf16"] == {"enabled": True}

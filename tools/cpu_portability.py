@@ -65,6 +65,7 @@ def _probe() -> dict[str, str]:
     import torch
     import torch.nn.functional as F
 
+    from mdu_dist.adamw import PortableAdamW, correctly_rounded_sqrt
     from mdu_dist.numerics import pin_process
 
     pin_process()
@@ -83,10 +84,17 @@ def _probe() -> dict[str, str]:
     loss = F.cross_entropy(F.linear(x, w).reshape(-1, 352), torch.randint(0, 352, (800,)))
     loss.backward()
     out["cross_entropy"], out["cross_entropy grad"] = h(loss.reshape(1)), h(x.grad)
-    p = torch.nn.Parameter(torch.randn(352, 128))
-    p.grad = torch.randn(352, 128)
-    torch.optim.AdamW([p], lr=1e-3).step()
-    out["AdamW step"] = h(p)
+    out["correctly rounded sqrt"] = h(correctly_rounded_sqrt(a.abs()))
+    grads = [torch.randn(352, 128), torch.randn(128)]
+    norm = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]).pow(2).sum().float().pow(0.5)
+    out["gradient norm (DeepSpeed's)"] = h(norm.reshape(1))
+    for name, make in (("AdamW step (torch's)", torch.optim.AdamW), ("AdamW step (PortableAdamW)", PortableAdamW)):
+        params = [torch.nn.Parameter(torch.randn(352, 128, generator=torch.Generator().manual_seed(1)))]
+        opt = make(params, lr=1e-3, weight_decay=0.01)
+        for _ in range(3):
+            params[0].grad = grads[0]
+            opt.step()
+        out[name] = h(params[0])
     r = np.random.default_rng(0).standard_normal(100_000)
     out["numpy float64 exp"], out["numpy float64 log"] = h(np.exp(r)), h(np.log(np.abs(r) + 1))
     return out
