@@ -73,6 +73,10 @@ class DataConfig:
     # token), as in LLaDA's SFT, so the model learns to fill the rest of a generation canvas with EOS. Unlearning
     # never does this: MDU's anchor and the baselines' ELBOs cover the answer tokens only.
     pad_in_response: bool = False
+    # Each optimizer step takes rows of similar length (the epoch's rows sorted by length, cut into steps, the
+    # steps shuffled; HF's group_by_length): fewer padding positions, the same rows per epoch. Unlearning
+    # groups by the forget rows' lengths.
+    group_by_length: bool = False
     question_key: str = "question"  # the column / field holding the question, in every source of the run
     answer_key: str = "answer"  # ... and the answer (eval sources keep TOFU's perturbed-answer field names)
     # How noisy rows meet the model (``mdu_dist.layout``): full = one sequence; block = LLaDA2's [x_t ; x_0] under
@@ -339,6 +343,9 @@ class SFTData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def lengths(self) -> list[int]:
+        return [len(tokens) for tokens, _ in self.rows]
+
     def parts(self, indices: list[int], epoch: int = 0) -> dict[str, list[Encoded]]:
         return {"train": [self.rows[i] for i in indices]}
 
@@ -362,6 +369,10 @@ class ForgetRetainData:
 
     def __len__(self) -> int:
         return len(self.forget)
+
+    def lengths(self) -> list[int]:
+        """The forget rows' (their retain partners change every epoch)."""
+        return [len(tokens) for tokens, _ in self.forget]
 
     def parts(self, indices: list[int], epoch: int = 0) -> dict[str, list[Encoded]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)

@@ -33,7 +33,9 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import multiprocessing as mp
 import os
+import queue
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -263,54 +265,82 @@ class Stage:
     overrides: list[str]
     seed: int | None = None
     job: str = ""  # finetune | unlearn; "" = an evaluation
+    after: tuple[str, ...] = ()  # keys of the stages whose outputs it reads
+    init_from: Path | None = None  # a training's start: this run's last checkpoint (known once it has run)
 
 
-def run_stages(d: DemoConfig, stages: list[Stage]) -> tuple[dict[str, tuple[dict | None, float]], dict]:
-    """One worker process (one gloo rank): ``stages`` in order. Returns key -> (metrics of an evaluation, else
-    None; seconds), and the worker's machine facts."""
+def run_stages(d: DemoConfig, worker: int, tasks, finished) -> dict:
+    """One worker process (one gloo rank): the stages ``tasks`` hands it, until None; each one's key and result
+    (the metrics of an evaluation, else None; seconds) go to ``finished`` with ``worker``. Returns the worker's
+    machine facts."""
     pin_process()
     layout = d.job_config("layout", "x")
     distributed.init(layout.parallel, layout.model)
-    done = {}
     try:
-        for s in stages:
+        while (s := tasks.get()) is not None:
             _say(f"{s.key}: started")
-            cfg = d.job_config(s.name, str(s.output_dir), s.overrides if s.job else [
+            extra = [f"train.init={last_model(s.init_from)}"] if s.init_from else []
+            cfg = d.job_config(s.name, str(s.output_dir), [*s.overrides, *extra] if s.job else [
                 *s.overrides, f"eval.output_dir={s.output_dir}"], s.seed)
             if s.job:
-                done[s.key] = (None, _train(cfg, s.job))
+                done = (None, _train(cfg, s.job))
             else:
                 metrics, seconds = _eval(cfg)
                 if s.name == "retain-only":  # against itself: the KS p-value of identical samples (1)
-
                     tr = retain_model_truth_ratios(str(s.output_dir / "eval.json"))
                     metrics["forget_quality"] = forget_quality(tr, tr)
-                done[s.key] = (metrics, seconds)
-            _say(f"{s.key}: done in {done[s.key][1]:.0f} s")
+                done = (metrics, seconds)
+            _say(f"{s.key}: done in {done[1]:.0f} s")
+            finished.put((worker, s.key, done))
     finally:
         distributed.shutdown()
-    return done, numerics_info()
+    return numerics_info()
 
 
-def share_out(chains: list[list[Stage]], workers: int) -> list[list[Stage]]:
-    """Chains (stages that must run in order) dealt to at most ``workers`` workers, longest first to the least
-    loaded (stages of one kind cost about the same)."""
-    loads: list[list[Stage]] = [[] for _ in range(min(workers, len(chains)))]
-    for chain in sorted(chains, key=len, reverse=True):  # sorted() is stable: ties keep their order
-        min(loads, key=len).extend(chain)
-    return loads
+def last_model(run_dir: Path) -> Path:
+    return latest_checkpoint(run_dir / "checkpoints") / "model"
 
 
-def run_phase(d: DemoConfig, chains: list[list[Stage]]) -> tuple[dict, dict]:
-    """Every chain run, ``d.workers`` worker processes side by side; results keyed by stage."""
-    loads = share_out(chains, d.workers)
-    if len(loads) > 1:  # progress bars of processes side by side would overwrite each other: one line per stage
-        loads = [[replace(s, overrides=[*s.overrides, "train.progress=false", "eval.progress=false"]) for s in load]
-                 for load in loads]
-    threads = d.threads or max(1, (os.cpu_count() or 1) // len(loads))
-    with ThreadPoolExecutor(len(loads)) as pool:
-        outs = list(pool.map(lambda stages: run_ranks(run_stages, 1, d, stages, threads=threads)[0], loads))
-    return {k: v for done, _ in outs for k, v in done.items()}, outs[0][1]
+def next_ready(pending: list[Stage], done) -> Stage | None:
+    """The first stage of ``pending`` (in priority order) whose inputs are all ``done``."""
+    return next((s for s in pending if all(k in done for k in s.after)), None)
+
+
+def run_scheduled(d: DemoConfig, stages: list[Stage]) -> tuple[dict, dict]:
+    """Every stage, on ``d.workers`` worker processes kept for the whole run: each idle worker gets the first
+    stage in ``stages`` (priority order) whose inputs are done, so no worker waits while a stage is ready.
+    Returns key -> (metrics or None, seconds), and the first worker's machine facts."""
+    ctx = mp.get_context("spawn")
+    n = min(d.workers, len(stages))
+    tasks, finished = [ctx.Queue() for _ in range(n)], ctx.Queue()
+    quiet = ["train.progress=false", "eval.progress=false"] if n > 1 else []  # no bars side by side
+    threads = d.threads or max(1, (os.cpu_count() or 1) // n)
+    pending, idle, done = [replace(s, overrides=[*s.overrides, *quiet]) for s in stages], list(range(n)), {}
+    with ThreadPoolExecutor(n) as pool:
+        workers = [pool.submit(run_ranks, run_stages, 1, d, w, tasks[w], finished, threads=threads)
+                   for w in range(n)]
+        try:
+            while pending or len(idle) < n:
+                while idle and (stage := next_ready(pending, done)) is not None:
+                    pending.remove(stage)
+                    tasks[idle.pop(0)].put(stage)
+                if len(idle) == n:
+                    raise ConfigError(f"demo: stages wait on stages that never run: {[s.key for s in pending]}")
+                try:
+                    w, key, result = finished.get(timeout=1.0)
+                except queue.Empty:
+                    for f in workers:
+                        if f.done():  # a worker that stopped before being told to has failed: its error
+                            f.result()
+                            raise RuntimeError("a demo worker stopped early")
+                    continue
+                done[key] = result
+                idle.append(w)
+        finally:
+            for q in tasks:
+                q.put(None)
+        machine = workers[0].result()[0]
+    return done, machine
 
 
 def replica_seeds(d: DemoConfig, replica: int) -> list[int]:
@@ -321,8 +351,8 @@ def replica_seeds(d: DemoConfig, replica: int) -> list[int]:
 
 def run_pipeline(d: DemoConfig) -> dict:
     """``replicas`` whole pipelines: pre-train, fine-tune and twin, then per seed the unlearning runs and every
-    evaluation, in three phases of worker processes (each over every replica); returns the results (also
-    written to disk). Each stage runs on one thread whatever the worker it lands on, so the results do not
+    evaluation, each stage as soon as its inputs are ready and a worker is free (``run_scheduled``); returns the
+    results (also written to disk). Each stage runs on one thread whatever the worker it lands on, so the results do not
     depend on ``workers``."""
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
@@ -332,59 +362,62 @@ def run_pipeline(d: DemoConfig) -> dict:
     replicas = range(d.replicas)
     root = {r: out / f"replica{r}" for r in replicas}
 
-    def train(name: str, r: int, run_dir: Path, job: str, extra: list[str], seed: int | None = None) -> Stage:
-        return Stage(f"train {name} replica {r}" + ("" if seed is None else f" seed {seed}"), name, run_dir,
-                     [f"train.tokenizer={tokenizer}", *extra], d.seed + r if seed is None else seed, job)
+    def train(name: str, r: int, run_dir: Path, job: str, extra: list[str], seed: int | None = None,
+              init_from: str = "") -> Stage:
+        return Stage(train_key(name, r, seed), name, run_dir, [f"train.tokenizer={tokenizer}", *extra],
+                     d.seed + r if seed is None else seed, job, (train_key(init_from, r),) if init_from else (),
+                     dirs[init_from, r] if init_from else None)
+
+    def train_key(name: str, r: int, seed: int | None = None) -> str:
+        return f"train {name} replica {r}" + ("" if seed is None else f" seed {seed}")
+
+    def eval_key(name: str, r: int, seed: int) -> str:
+        return f"eval {name} replica {r} seed {seed}"
 
     def eval_dir(name: str, r: int, seed: int) -> Path:
         return root[r] / "eval" / f"seed{seed}" / _slug(name)
 
-    def evaluate(name: str, r: int, seed: int, checkpoint: Path) -> Stage:
-        extra = [f"eval.checkpoint={checkpoint}", f"eval.real_authors={data['eval_real_authors']}",
+    def evaluate(name: str, r: int, seed: int, run_dir: Path, trained: str) -> Stage:
+        """Every evaluation but the twin's reads the twin's (forget quality)."""
+        extra = [f"eval.checkpoint={run_dir}", f"eval.real_authors={data['eval_real_authors']}",
                  f"eval.world_facts={data['eval_world_facts']}"]
+        after = (trained,)
         if name != "retain-only":
             extra.append(f"eval.retain_model_eval={eval_dir('retain-only', r, seed) / 'eval.json'}")
-        return Stage(f"eval {name} replica {r} seed {seed}", name, eval_dir(name, r, seed), extra, seed)
-
-    def model(run_dir: Path) -> Path:
-        return latest_checkpoint(run_dir / "checkpoints") / "model"
+            after += (eval_key("retain-only", r, seed),)
+        return Stage(eval_key(name, r, seed), name, eval_dir(name, r, seed), extra, seed, after=after)
 
     dirs = {(name, r): root[r] / sub for r in replicas
             for name, sub in zip(SHARED, ("pretrain", "finetune", "retain_only"))}
-    done, _ = run_phase(d, [[train("pretrained", r, dirs["pretrained", r], "finetune", [
-        f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])]
-        for r in replicas])
-    chains = []
-    for r in replicas:
-        ft = [f"train.init={model(dirs['pretrained', r])}", f"train.epochs={d.finetune_epochs}",
-              f"optim.lr={d.finetune_lr}"]
-        # The twin's evaluations go with it: every unlearned model's forget quality reads its seed's.
-        chains += [[train("finetuned", r, dirs["finetuned", r], "finetune",
-                          [*ft, f"data.finetune={data['finetune_full']}"])],
-                   [train("retain-only", r, dirs["retain-only", r], "finetune",
-                          [*ft, f"data.finetune={data['finetune_retain_only']}"]),
-                    *[evaluate("retain-only", r, seed, dirs["retain-only", r]) for seed in replica_seeds(d, r)]]]
-    more, _ = run_phase(d, chains)
-    done.update(more)
     # (name, method, tau, extra overrides, LoRA rank)
     jobs = [(f"mdu tau={tau:g}", "mdu", tau, [], 0) for tau in d.taus] + [(m, m, None, [], 0) for m in d.methods]
     if d.lora_rank:
         jobs.append((f"mdu tau={d.lora_tau:g} lora r={d.lora_rank}", "mdu", d.lora_tau,
                      [f"lora.rank={d.lora_rank}", f"lora.alpha={2 * d.lora_rank}", f"optim.lr={d.lora_lr}"],
                      d.lora_rank))
-    chains = []
+    # Priority order: the long trainings first (every later stage waits on them), then the unlearning runs,
+    # then the evaluations (short: the last stages leave little idle time).
+    pretrain = [train("pretrained", r, dirs["pretrained", r], "finetune", [
+        f"data.finetune={data['pretrain']}", f"train.epochs={d.pretrain_epochs}", f"optim.lr={d.pretrain_lr}"])
+        for r in replicas]
+    finetune = [train(name, r, dirs[name, r], "finetune", [
+        f"data.finetune={data[split]}", f"train.epochs={d.finetune_epochs}", f"optim.lr={d.finetune_lr}"],
+        init_from="pretrained")
+        for r in replicas for name, split in (("finetuned", "finetune_full"), ("retain-only", "finetune_retain_only"))]
+    twin_evals = [evaluate("retain-only", r, seed, dirs["retain-only", r], train_key("retain-only", r))
+                  for r in replicas for seed in replica_seeds(d, r)]
+    unlearn, evals = [], []
     for r in replicas:
         for seed in replica_seeds(d, r):
-            chains += [[evaluate(name, r, seed, dirs[name, r])] for name in ("pretrained", "finetuned")]
+            evals += [evaluate(name, r, seed, dirs[name, r], train_key(name, r)) for name in ("pretrained", "finetuned")]
             for name, method, tau, extra, _ in jobs:
                 run_dir = dirs[name, r, seed] = root[r] / "unlearn" / f"seed{seed}" / _slug(name)
-                chains.append([train(name, r, run_dir, "unlearn", [
-                    f"train.init={model(dirs['finetuned', r])}", f"data.forget={data['forget']}",
-                    f"data.retain={data['retain']}", f"method.name={method}", f"train.epochs={d.unlearn_epochs}",
-                    f"optim.lr={d.unlearn_lr}", *([f"method.tau={tau}"] if tau is not None else []), *extra], seed),
-                    evaluate(name, r, seed, run_dir)])
-    more, machine = run_phase(d, chains)
-    done.update(more)
+                unlearn.append(train(name, r, run_dir, "unlearn", [
+                    f"data.forget={data['forget']}", f"data.retain={data['retain']}", f"method.name={method}",
+                    f"train.epochs={d.unlearn_epochs}", f"optim.lr={d.unlearn_lr}",
+                    *([f"method.tau={tau}"] if tau is not None else []), *extra], seed, init_from="finetuned"))
+                evals.append(evaluate(name, r, seed, run_dir, train_key(name, r, seed)))
+    done, machine = run_scheduled(d, [*pretrain, *finetune, *twin_evals, *unlearn, *evals])
 
     runs = {name: {"method": name, "tau": None, "seeds": {}} for name in SHARED}
     for name, method, tau, _, rank in jobs:
@@ -397,7 +430,7 @@ def run_pipeline(d: DemoConfig) -> dict:
                 ckpt = latest_checkpoint(run_dir / "checkpoints") / ("adapter" if "lora_rank" in run else "model")
                 run["seeds"][f"replica {r} seed {seed}"] = {
                     "replica": r, "seed": seed, "checkpoint": rel(ckpt), "run_dir": rel(run_dir),
-                    "metrics": done[f"eval {name} replica {r} seed {seed}"][0],
+                    "metrics": done[eval_key(name, r, seed)][0],
                     "eval_dir": rel(eval_dir(name, r, seed))}
         run["mean"], run["std"] = aggregate([s["metrics"] for s in run["seeds"].values()])
     # Where it ran and how many workers ran it change no number.

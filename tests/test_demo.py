@@ -205,17 +205,18 @@ def test_bad_demo_settings_are_named(override, needle):
     assert needle in str(e.value)
 
 
-def test_stages_are_dealt_to_workers_in_chains_and_balanced():
-    from mdu_dist.demo import Stage, share_out
+def test_the_next_stage_is_the_first_whose_inputs_are_done():
+    from mdu_dist.demo import Stage, next_ready
 
-    def chain(name, n):
-        return [Stage(f"{name}{i}", name, Path(f"{name}{i}"), []) for i in range(n)]
+    def stage(key, *after):
+        return Stage(key, key, Path(key), [], after=after)
 
-    chains = [chain("e", 1), chain("u", 2), chain("v", 2), chain("f", 1), chain("w", 2)]
-    loads = share_out(chains, 2)
-    assert [[s.key for s in load] for load in loads] == [["u0", "u1", "w0", "w1"], ["v0", "v1", "e0", "f0"]]
-    assert [len(x) for x in share_out(chains, 9)] == [2, 2, 2, 1, 1]  # no more workers than chains
-    assert [s.key for s in share_out(chains, 1)[0]] == ["u0", "u1", "v0", "v1", "w0", "w1", "e0", "f0"]
+    pending = [stage("pre0"), stage("pre1"), stage("ft0", "pre0"), stage("ev0", "ft0", "tw0"), stage("tw0", "pre0")]
+    assert next_ready(pending, {}).key == "pre0"
+    assert next_ready(pending[2:], {"pre0"}).key == "ft0"
+    assert next_ready(pending[3:], {"pre0"}).key == "tw0"  # ev0 waits on ft0: the later, ready one goes first
+    assert next_ready(pending[3:4], {"pre0", "tw0"}) is None
+    assert next_ready(pending[3:4], {"ft0", "tw0"}).key == "ev0"
 
 
 def _result(per_replica: dict[int, dict[str, list[dict]]]) -> dict:
