@@ -23,9 +23,9 @@
    ``loss_curves.png`` and ``forget_vs_utility.png`` (every replica).
 
 Numerics are pinned (``threads``, ``cpu_isa``; see ``mdu_dist.numerics``) so that the same settings give the same
-bits on any x86-64 machine with AVX2, not only on the one that ran them. Stages that do not depend on each
-other (the replicas' pre-trainings; their fine-tunes; their unlearning runs and evaluations) run in ``workers``
-processes side by side, each stage on one thread, so the results do not depend on ``workers``.
+bits on any x86-64 machine with AVX2, not only on the one that ran them. Every stage runs as soon as the stages
+it reads are done and one of ``workers`` processes is free (longest first: pre-trainings, fine-tunes, unlearning
+runs, then evaluations), each on one thread, so the results do not depend on ``workers``.
 """
 
 from __future__ import annotations

@@ -32,15 +32,15 @@ def test_sqrt_is_correctly_rounded():
     # A million more against numpy's float32 root (the SSE / AVX sqrt instruction: IEEE, correctly rounded).
     many = g.integers(0x00800000, 0x7F800000, size=1_000_000, dtype=np.uint32).view(np.float32)
     assert np.array_equal(correctly_rounded_sqrt(torch.from_numpy(many)).numpy(), np.sqrt(many))
-    special = correctly_rounded_sqrt(torch.tensor([0.0, -0.0, float("inf"), -1.0, float("nan")]))
+    with np.errstate(invalid="ignore"):
+        special = correctly_rounded_sqrt(torch.tensor([0.0, -0.0, float("inf"), -1.0, float("nan")]))
     assert special[:3].tolist() == [0.0, 0.0, float("inf")] and str(special[1].item()) == "-0.0"
     assert special[3:].isnan().all()
 
 
 def test_sqrt_dtypes():
-    x = torch.tensor([2.0], dtype=torch.float64)  # torch's own root (MKL's may be an ulp off)
-    assert correctly_rounded_sqrt(x).dtype == torch.float64
-    assert abs(correctly_rounded_sqrt(x).item() - 2.0 ** 0.5) <= 2.3e-16
+    x = torch.tensor([2.0], dtype=torch.float64)
+    assert correctly_rounded_sqrt(x).item() == 2.0 ** 0.5  # Python's float root: correctly rounded
     with pytest.raises(TypeError, match="bfloat16"):
         correctly_rounded_sqrt(x.bfloat16())
 
