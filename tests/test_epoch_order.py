@@ -52,3 +52,12 @@ def test_dp_ranks_partition_a_grouped_step():
         order = epoch_order(n, 1, epoch, 8, lengths)
         within = step - epoch * (n // 8)
         assert ranks[0][1] + ranks[1][1] == order[within * 8: within * 8 + 8]
+
+
+def test_grouping_is_refused_with_pad_in_response():
+    from mdu_dist.data import DataConfig
+    from mdu_dist.errors import ConfigError
+
+    DataConfig(group_by_length=True).validate()
+    with pytest.raises(ConfigError, match="data.group_by_length=true with data.pad_in_response=true"):
+        DataConfig(group_by_length=True, pad_in_response=True).validate()

@@ -5,12 +5,14 @@ TCG emulates none of AVX-512).
 
     python tools/cpu_portability.py ops [--cpus Haswell EPYC-Rome] [--cpu-isa avx2]   # about a minute
     python tools/cpu_portability.py quick-demo [--cpu EPYC-Rome] [--out DIR] [demo key=value ...]  # about an hour
+                                                           # (replicas=1: half; against a native run of it)
 
 `ops` runs each op the demo's training and evaluation use on fixed inputs, under the pins of `--cpu-isa`
 (mdu_dist/numerics.py, set in the environment before the libraries load, as the demo's workers get them),
 natively and under each CPU model, and lists the ops whose output bits differ from the native run's.
 `quick-demo` runs `mdu-dist demo --quick` with every process under qemu and compares its results.json byte for
-byte with the golden file that tests/test_demo.py holds every machine to.
+byte with the golden file that tests/test_demo.py holds every machine to (with demo overrides: with the same
+quick demo run natively, into `<out>-native`).
 
 An emulated processor is not a real one: qemu computes the approximate instructions (rcpps, rsqrtps) exactly,
 where Intel and AMD each have their own tables, so a kernel that uses them differs under emulation as it would
@@ -171,27 +173,42 @@ def _inside(wrapper: str, overrides: list[str]) -> int:
 def _first_difference(got: bytes, want: bytes) -> str:
     i = next((k for k, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
     show = lambda s: s[max(0, i - 80):i + 40].decode(errors="replace")  # noqa: E731
-    return f"first difference at byte {i}: ...{show(got)}... here, ...{show(want)}... in the golden file"
+    return f"first difference at byte {i}: ...{show(got)}... here, ...{show(want)}... there"
 
 
-def quick_demo(cpu: str, out: Path, overrides: list[str]) -> int:
-    qemu = _qemu()
+def _run_quick_demo(out: Path, overrides: list[str], cpu: str | None) -> int:
+    """The quick demo with the in-process checkpoint writer, under ``qemu -cpu cpu`` (None: natively)."""
     with tempfile.TemporaryDirectory() as tmp:
-        wrapper = Path(tmp) / "python"
-        wrapper.write_text(f'#!/bin/sh\nexec {qemu} -cpu {cpu} {sys.executable} "$@"\n')
-        wrapper.chmod(0o755)
-        proc = subprocess.Popen([str(wrapper), __file__, INSIDE, str(wrapper), f"output_dir={out}", *overrides],
+        python = sys.executable
+        if cpu is not None:
+            python = str(Path(tmp) / "python")
+            Path(python).write_text(f'#!/bin/sh\nexec {_qemu()} -cpu {cpu} {sys.executable} "$@"\n')
+            Path(python).chmod(0o755)
+        proc = subprocess.Popen([python, __file__, INSIDE, python, f"output_dir={out}", *overrides],
                                 stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
         for line in proc.stderr:
             if QEMU_NOISE not in line:
                 sys.stderr.write(line)
-        if proc.wait():
-            return proc.returncode
-    got, want = (out / "results.json").read_bytes(), GOLDEN.read_bytes()
+        return proc.wait()
+
+
+def quick_demo(cpu: str, out: Path, overrides: list[str]) -> int:
+    """The emulated quick demo against the golden file; with ``overrides`` (a smaller run: ``replicas=1``)
+    against the same run made natively, into ``<out>-native``."""
+    if rc := _run_quick_demo(out, overrides, cpu):
+        return rc
+    if overrides:
+        reference = out.with_name(out.name + "-native")
+        if rc := _run_quick_demo(reference, overrides, None):
+            return rc
+        reference = reference / "results.json"
+    else:
+        reference = GOLDEN
+    got, want = (out / "results.json").read_bytes(), reference.read_bytes()
     if got == want:
-        print(f"{out / 'results.json'}: the golden file's bytes, under qemu -cpu {cpu}")
+        print(f"{out / 'results.json'}: {reference}'s bytes, under qemu -cpu {cpu}")
         return 0
-    print(f"{out / 'results.json'} differs from {GOLDEN} under qemu -cpu {cpu}: {_first_difference(got, want)}")
+    print(f"{out / 'results.json'} under qemu -cpu {cpu} differs from {reference}: {_first_difference(got, want)}")
     return 1
 
 
