@@ -352,8 +352,8 @@ def replica_seeds(d: DemoConfig, replica: int) -> list[int]:
 def run_pipeline(d: DemoConfig) -> dict:
     """``replicas`` whole pipelines: pre-train, fine-tune and twin, then per seed the unlearning runs and every
     evaluation, each stage as soon as its inputs are ready and a worker is free (``run_scheduled``); returns the
-    results (also written to disk). Each stage runs on one thread whatever the worker it lands on, so the results do not
-    depend on ``workers``."""
+    results (also written to disk). Each stage runs on one thread whatever the worker it lands on, so the results
+    do not depend on ``workers``."""
     out = Path(d.output_dir)
     rel = lambda p: str(Path(p).relative_to(out))  # noqa: E731 - results.json must not depend on where it ran
     t0 = time.perf_counter()
@@ -409,7 +409,8 @@ def run_pipeline(d: DemoConfig) -> dict:
     unlearn, evals = [], []
     for r in replicas:
         for seed in replica_seeds(d, r):
-            evals += [evaluate(name, r, seed, dirs[name, r], train_key(name, r)) for name in ("pretrained", "finetuned")]
+            evals += [evaluate(name, r, seed, dirs[name, r], train_key(name, r))
+                      for name in ("pretrained", "finetuned")]
             for name, method, tau, extra, _ in jobs:
                 run_dir = dirs[name, r, seed] = root[r] / "unlearn" / f"seed{seed}" / _slug(name)
                 unlearn.append(train(name, r, run_dir, "unlearn", [

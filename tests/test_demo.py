@@ -219,6 +219,19 @@ def test_the_next_stage_is_the_first_whose_inputs_are_done():
     assert next_ready(pending[3:4], {"ft0", "tw0"}).key == "ev0"
 
 
+def test_a_failing_stage_stops_the_run_with_its_error(tmp_path):
+    """The stage after it never runs; the error names what failed."""
+    from mdu_dist.demo import Stage, run_scheduled
+
+    d = load_demo_config(None, [f"output_dir={tmp_path}", "workers=2"], quick=True)
+    missing = tmp_path / "no-such-checkpoint"
+    bad = Stage("eval broken", "broken", tmp_path / "e", [f"eval.checkpoint={missing}"], seed=0)
+    after = Stage("eval after", "after", tmp_path / "f", [f"eval.checkpoint={missing}"], seed=0, after=("eval broken",))
+    with pytest.raises(Exception, match="no-such-checkpoint"):
+        run_scheduled(d, [bad, after])
+    assert not (tmp_path / "f").exists()
+
+
 def _result(per_replica: dict[int, dict[str, list[dict]]]) -> dict:
     """A results.json-shaped dict: per replica, per model, one metrics dict per seed (method from the name)."""
     runs: dict = {}
