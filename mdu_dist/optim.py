@@ -239,7 +239,7 @@ def ds_config(cfg: OptimConfig, dtype: torch.dtype) -> dict[str, Any]:
     else:
         optimizer = {"optimizer": {
             "type": "AdamW",
-            # Without offload: torch's AdamW (needs no compiled kernel; fused/foreach on GPU). With offload
+            # On GPU without offload: torch's fused / foreach AdamW (needs no compiled kernel). With offload
             # DeepSpeed always uses its DeepSpeedCPUAdam (JIT-built once into TORCH_EXTENSIONS_DIR).
             "params": {"lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
                        "torch_adam": not offload},

@@ -115,6 +115,7 @@ class Trainer:
             self._check_only_adapters_train()
         per_step = cfg.optim.micro_batch_size * cfg.optim.gradient_accumulation_steps
         self.steps_per_epoch = steps_per_epoch(len(self.data), per_step, self.dp)
+        self.lengths = self.data.lengths() if cfg.data.group_by_length else None  # step_indices groups by them
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         cfg.optim.total_steps = self.total_steps  # the schedule spans exactly this run
         self.engine = build_engine(self.policy, cfg.optim)  # moves the policy to this rank's device
@@ -158,7 +159,7 @@ class Trainer:
         o = self.cfg.optim
         epoch, rows = step_indices(len(self.data), self.cfg.train.seed, step,
                                    o.micro_batch_size * o.gradient_accumulation_steps, self.dp_rank, self.dp,
-                                   self.data.lengths() if self.cfg.data.group_by_length else None)
+                                   self.lengths)
         chunks = [rows[i: i + o.micro_batch_size] for i in range(0, len(rows), o.micro_batch_size)]
         parts = [self.data.parts(c, epoch) for c in chunks]
         # One length for the whole step: the pipeline moves fixed-shape activations.

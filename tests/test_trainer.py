@@ -287,3 +287,37 @@ def test_exclude_special_tokens_without_a_list_excludes_the_tokenizers(tmp_path)
         "off": []})
     assert runs["implicit"]["losses"] == runs["explicit"]["losses"]
     assert runs["implicit"]["losses"][0][0] != runs["off"]["losses"][0][0]
+
+
+def _grouped_step_lengths(output_dir: str) -> dict:
+    """A fine-tune with data.group_by_length: each step's padded length, and the longest of the rows that
+    trainer.step_indices picks for it from the dataset's own lengths."""
+    from mdu_dist import distributed
+    from mdu_dist.config import load_config
+    from mdu_dist.trainer import Trainer, step_indices
+
+    cfg = load_config("configs/llada_tiny.yaml", TINY + ["data.limit=24", "data.group_by_length=true",
+                                                         "optim.micro_batch_size=4", "train.max_steps=12",
+                                                         f"train.output_dir={output_dir}"])
+    distributed.init(cfg.parallel, cfg.model)
+    try:
+        trainer = Trainer(cfg, "finetune")
+        lengths = [len(tokens) for tokens, _ in trainer.data.rows]
+        padded, longest = [], []
+        for step in range(12):
+            padded.append(trainer._microbatches(step)[0].ids.shape[1])
+            rows = step_indices(len(lengths), cfg.train.seed, step, 4, 0, 1, lengths)[1]
+            longest.append(max(lengths[i] for i in rows))
+        return {"padded": padded, "longest": longest, "lengths": lengths}
+    finally:
+        distributed.shutdown()
+
+
+def test_group_by_length_reaches_the_trainers_steps(tmp_path):
+    from multiproc import run_distributed
+
+    (got,) = run_distributed(_grouped_step_lengths, 1, str(tmp_path))
+    assert got["padded"] == got["longest"]
+    # Each step pads to its own rows' longest, which grouping keeps near the shortest: over the 12 steps far
+    # fewer positions than steps of random rows would (each epoch's 6 steps are cut from the sorted rows).
+    assert sum(got["padded"]) < 12 * max(got["lengths"]) and len(set(got["padded"])) > 2, got
