@@ -273,7 +273,7 @@ def run_stages(d: DemoConfig, worker: int, tasks, finished) -> dict:
     """One worker process (one gloo rank): the stages ``tasks`` hands it, until None; each one's key and result
     (the metrics of an evaluation, else None; seconds) go to ``finished`` with ``worker``. Returns the worker's
     machine facts."""
-    pin_process()
+    pin_process(d.cpu_isa)
     layout = d.job_config("layout", "x")
     distributed.init(layout.parallel, layout.model)
     try:
@@ -310,6 +310,7 @@ def run_scheduled(d: DemoConfig, stages: list[Stage]) -> tuple[dict, dict]:
     """Every stage, on ``d.workers`` worker processes kept for the whole run: each idle worker gets the first
     stage in ``stages`` (priority order) whose inputs are done, so no worker waits while a stage is ready.
     Returns key -> (metrics or None, seconds), and the first worker's machine facts."""
+    os.environ.update(numerics_env(d.cpu_isa, d.threads))  # the spawned workers read them as their libraries load
     ctx = mp.get_context("spawn")
     n = min(d.workers, len(stages))
     tasks, finished = [ctx.Queue() for _ in range(n)], ctx.Queue()
@@ -603,7 +604,6 @@ def main_demo(path: str | None, overrides: list[str] = (), quick: bool = False) 
     d = load_demo_config(path, overrides, quick)
     start = time.perf_counter()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("build/torch_extensions").absolute()))
-    os.environ.update(numerics_env(d.cpu_isa, d.threads))  # the worker reads them when torch loads
     result = run_pipeline(d)
     out = Path(d.output_dir)
     print((out / "results.md").read_text())

@@ -9,8 +9,10 @@ the worker's libraries load, ``pin_process`` the rest inside the worker.
 
 MKL's conditional numerical reproducibility (CNR) branches other than ``COMPATIBLE`` (SSE2 without the
 approximate rcpps / rsqrtps) are documented for Intel processors only: on any other processor ``MKL_CBWR=AVX2``
-silently falls back to ``AUTO`` (the host's dispatch). So the portable pins take ``COMPATIBLE``;
-``avx2-intel`` keeps MKL's AVX2 branch (faster, the same bits only among Intel processors).
+silently falls back to ``AUTO`` (the host's dispatch). So the portable pins take ``COMPATIBLE``, and send the
+matrix products, most of a step's time, to numpy's OpenBLAS at a pinned core type instead (``mdu_dist.gemm``:
+as fast as MKL's AVX2 branch, which ``COMPATIBLE`` is 2.6x slower than); ``avx2-intel`` keeps MKL's AVX2 branch
+for everything (the same bits only among Intel processors).
 """
 
 from __future__ import annotations
@@ -19,18 +21,19 @@ import ctypes
 import os
 from pathlib import Path
 
-# cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA, highest numpy dispatch level kept)
-CPU_ISAS = {"avx2": ("avx2", "COMPATIBLE", "AVX2", "avx2"),
-            "avx2-intel": ("avx2", "AVX2", "AVX2", "avx2"),
-            "default": ("default", "COMPATIBLE", "SSE41", "baseline")}
+# cpu_isa -> (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA, highest numpy dispatch level kept,
+#             OPENBLAS_CORETYPE of the routed matrix products or None: torch's own, through MKL)
+CPU_ISAS = {"avx2": ("avx2", "COMPATIBLE", "AVX2", "avx2", "Haswell"),
+            "avx2-intel": ("avx2", "AVX2", "AVX2", "avx2", None),
+            "default": ("default", "COMPATIBLE", "SSE41", "baseline", None)}
 # numpy's dispatch targets up to AVX2 (numpy 1.x names each feature, 2.x also the x86-64-v2/v3 levels).
 _NUMPY_UP_TO_AVX2 = {"SSE", "SSE2", "SSE3", "SSSE3", "SSE41", "POPCNT", "SSE42", "AVX", "F16C", "FMA3", "AVX2",
                      "X86_V2", "X86_V3"}
 # mkl_cbwr_get(MKL_CBWR_BRANCH) codes (mkl_cbwr.h); AUTO is also what MKL runs for a branch it ignores.
 MKL_BRANCHES = {0: "OFF", 1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1", 8: "SSE4_2",
                 9: "AVX", 10: "AVX2", 12: "AVX512", 14: "AVX512_E1"}
-PINNED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DYNAMIC", "ATEN_CPU_CAPABILITY", "MKL_CBWR",
-              "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES")
+PINNED_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_DYNAMIC", "OPENBLAS_NUM_THREADS", "ATEN_CPU_CAPABILITY",
+              "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "NPY_DISABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
 
 
 def _numpy_dispatch() -> list[str]:
@@ -50,19 +53,23 @@ def numpy_disabled(level: str) -> str:
 def numerics_env(cpu_isa: str, threads: int) -> dict[str, str]:
     """Environment that pins the CPU numerics of worker processes (read when their libraries load): ``threads``
     threads (0: left to the libraries), and for a ``cpu_isa`` of ``CPU_ISAS`` one instruction set for ATen,
-    MKL, oneDNN and numpy (``native``: each library picks from the host)."""
+    MKL, oneDNN, numpy and OpenBLAS (``native``: each library picks from the host)."""
     env = {}
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE")
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), MKL_DYNAMIC="FALSE",
+                   OPENBLAS_NUM_THREADS=str(threads))
     if cpu_isa in CPU_ISAS:
-        aten, mkl, onednn, numpy_level = CPU_ISAS[cpu_isa]
+        aten, mkl, onednn, numpy_level, openblas_core = CPU_ISAS[cpu_isa]
         env.update(ATEN_CPU_CAPABILITY=aten, MKL_CBWR=mkl, ONEDNN_MAX_CPU_ISA=onednn,
                    NPY_DISABLE_CPU_FEATURES=numpy_disabled(numpy_level))
+        if openblas_core:
+            env["OPENBLAS_CORETYPE"] = openblas_core
     return env
 
 
-def pin_process() -> None:
-    """The pins that are not environment variables, for this process's torch."""
+def pin_process(cpu_isa: str) -> None:
+    """The pins that are not environment variables, for this process's torch (its environment from
+    ``numerics_env(cpu_isa, ...)``)."""
     import torch
 
     # Refuse any op without a deterministic CPU kernel; but do not NaN-fill every torch.empty (the check's
@@ -75,6 +82,10 @@ def pin_process() -> None:
     # oneDNN blocks its kernels by the host's cache sizes, and no CNR mode fixes them. The demo creates no
     # oneDNN primitive (ONEDNN_VERBOSE=1 lists none); off, none can be chosen by a later torch either.
     torch.backends.mkldnn.enabled = False
+    if CPU_ISAS.get(cpu_isa, (None,) * 5)[4]:
+        from mdu_dist.gemm import route_gemm
+
+        route_gemm()
 
 
 def _mkl():
@@ -115,6 +126,8 @@ def numerics_info() -> dict:
     import numpy
     import torch
 
+    from mdu_dist.gemm import gemm_routed, openblas
+
     try:
         from numpy._core._multiarray_umath import __cpu_features__
     except ImportError:  # numpy 1.x
@@ -122,6 +135,7 @@ def numerics_info() -> dict:
     dispatched = [f for f in _numpy_dispatch() if __cpu_features__.get(f)]
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "numpy": numpy.__version__,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **mkl_state(), "numpy_dispatch": dispatched, "mkldnn_enabled": torch.backends.mkldnn.enabled,
+            **mkl_state(), **openblas(), "gemm_routed_to_openblas": gemm_routed(), "numpy_dispatch": dispatched,
+            "mkldnn_enabled": torch.backends.mkldnn.enabled,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             **{k: os.environ.get(k) for k in PINNED_ENV}}

@@ -164,10 +164,12 @@ def test_quick_demo_matches_the_golden_file(quick_demo):
 
 def test_numerics_env_pins_every_library():
     assert numerics_env("avx2", 2) == {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE",
-                                       "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE",
-                                       "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                       "NPY_DISABLE_CPU_FEATURES": numerics_env("avx2", 0)["NPY_DISABLE_CPU_FEATURES"]}
+                                       "OPENBLAS_NUM_THREADS": "2", "ATEN_CPU_CAPABILITY": "avx2",
+                                       "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                       "NPY_DISABLE_CPU_FEATURES": numerics_env("avx2", 0)["NPY_DISABLE_CPU_FEATURES"],
+                                       "OPENBLAS_CORETYPE": "Haswell"}
     assert numerics_env("avx2-intel", 0)["MKL_CBWR"] == "AVX2"
+    assert "OPENBLAS_CORETYPE" not in numerics_env("avx2-intel", 0)  # MKL's AVX2 branch does the products
     assert numerics_env("native", 0) == {}
 
 

@@ -60,7 +60,7 @@ def _env(**extra: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ ops
 
 
-def _probe() -> dict[str, str]:
+def _probe(cpu_isa: str) -> dict[str, str]:
     """Each op's output bytes, hashed: the layers, losses and optimizer step of training, and the float64
     numpy maths of the evaluation's probabilities."""
     import numpy as np
@@ -70,7 +70,7 @@ def _probe() -> dict[str, str]:
     from mdu_dist.adamw import PortableAdamW, correctly_rounded_sqrt
     from mdu_dist.numerics import pin_process
 
-    pin_process()
+    pin_process(cpu_isa)
     torch.manual_seed(0)  # the generator is the same code on every host: the same inputs
     h = lambda t: hashlib.sha1(np.ascontiguousarray(t.detach().numpy() if torch.is_tensor(t) else t)  # noqa: E731
                                .tobytes()).hexdigest()[:16]
@@ -81,7 +81,9 @@ def _probe() -> dict[str, str]:
            "log_softmax": h(c.log_softmax(-1)), "silu": h(F.silu(c)), "sigmoid": h(c.sigmoid()),
            "rsqrt": h((a.abs() + 1).rsqrt()), "sqrt": h(a.abs().sqrt()), "sin (rope)": h((a * 100).sin()),
            "cos (rope)": h((a * 100).cos()), "sum": h(c.sum(-1)), "rms_norm": h(F.rms_norm(c, (128,), eps=1e-5)),
-           "sdpa": h(F.scaled_dot_product_attention(q, q, q))}
+           "sdpa": h(F.scaled_dot_product_attention(q, q, q)),
+           "linear with bias (addmm)": h(F.linear(c, w, torch.randn(352))),
+           "baddbmm": h(torch.baddbmm(c, c, c, beta=0.5, alpha=2.0))}
     x = torch.randn(8, 100, 128, requires_grad=True)
     loss = F.cross_entropy(F.linear(x, w).reshape(-1, 352), torch.randint(0, 352, (800,)))
     loss.backward()
@@ -102,8 +104,8 @@ def _probe() -> dict[str, str]:
     return out
 
 
-def _run_probe(prefix: list[str], env: dict[str, str]) -> dict[str, str]:
-    proc = subprocess.run([*prefix, sys.executable, __file__, PROBE], capture_output=True, text=True, env=env,
+def _run_probe(prefix: list[str], env: dict[str, str], cpu_isa: str) -> dict[str, str]:
+    proc = subprocess.run([*prefix, sys.executable, __file__, PROBE, cpu_isa], capture_output=True, text=True, env=env,
                           cwd=ROOT)
     if proc.returncode:
         sys.exit(f"the probe failed under {' '.join(prefix) or 'the host CPU'}:\n{proc.stderr[-3000:]}")
@@ -115,8 +117,8 @@ def ops(cpus: list[str], cpu_isa: str, as_json: bool = False) -> int:
     from mdu_dist.numerics import numerics_env
 
     qemu, env = _qemu(), _env(**numerics_env(cpu_isa, 1))
-    native = _run_probe([], env)
-    emulated = {cpu: _run_probe([qemu, "-cpu", cpu], env) for cpu in cpus}
+    native = _run_probe([], env, cpu_isa)
+    emulated = {cpu: _run_probe([qemu, "-cpu", cpu], env, cpu_isa) for cpu in cpus}
     moved = {op: [cpu for cpu in cpus if emulated[cpu][op] != bits] for op, bits in native.items()}
     if as_json:
         print(json.dumps(moved))
@@ -215,7 +217,7 @@ def quick_demo(cpu: str, out: Path, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [PROBE]:
-        print(json.dumps(_probe()))
+        print(json.dumps(_probe(argv[1])))
         return 0
     if argv[:1] == [INSIDE]:
         return _inside(argv[1], argv[2:])
