@@ -13,22 +13,9 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import numpy as np
 import torch
 
-
-def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` rounded to nearest in ``x``'s dtype (float32 or float64), on every x86-64 processor.
-
-    On CPU it is numpy's ``sqrt`` ufunc, sharing ``x``'s memory: its loops (baseline, AVX2 or AVX-512) are the
-    hardware square-root instructions, which IEEE 754 requires to round correctly. Not torch's: its CPU ``sqrt``
-    is MKL's vector maths, an ulp off in ~17 % of float32 elements, differently by processor. CUDA's root is
-    correctly rounded already. No gradient (an optimizer's state)."""
-    if x.device.type != "cpu":
-        return x.sqrt()
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"correctly_rounded_sqrt: float32 or float64, not {x.dtype}")
-    return torch.from_numpy(np.sqrt(x.detach().numpy()))
+from mdu_dist.cpu_kernels import correctly_rounded_sqrt
 
 
 class PortableAdamW(torch.optim.Optimizer):

@@ -30,6 +30,7 @@ runs, then evaluations), each on one thread, so the results do not depend on ``w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -310,7 +311,26 @@ def run_scheduled(d: DemoConfig, stages: list[Stage]) -> tuple[dict, dict]:
     """Every stage, on ``d.workers`` worker processes kept for the whole run: each idle worker gets the first
     stage in ``stages`` (priority order) whose inputs are done, so no worker waits while a stage is ready.
     Returns key -> (metrics or None, seconds), and the first worker's machine facts."""
-    os.environ.update(numerics_env(d.cpu_isa, d.threads))  # the spawned workers read them as their libraries load
+    with pinned_environment(numerics_env(d.cpu_isa, d.threads)):  # read by the workers as their libraries load
+        return _run_scheduled(d, stages)
+
+
+@contextlib.contextmanager
+def pinned_environment(env: dict[str, str]):
+    """``env`` in os.environ while the block runs (its spawned processes inherit it), then as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_scheduled(d: DemoConfig, stages: list[Stage]) -> tuple[dict, dict]:
     ctx = mp.get_context("spawn")
     n = min(d.workers, len(stages))
     tasks, finished = [ctx.Queue() for _ in range(n)], ctx.Queue()

@@ -10,7 +10,7 @@ the worker's libraries load, ``pin_process`` the rest inside the worker.
 MKL's conditional numerical reproducibility (CNR) branches other than ``COMPATIBLE`` (SSE2 without the
 approximate rcpps / rsqrtps) are documented for Intel processors only: on any other processor ``MKL_CBWR=AVX2``
 silently falls back to ``AUTO`` (the host's dispatch). So the portable pins take ``COMPATIBLE``, and send the
-matrix products, most of a step's time, to numpy's OpenBLAS at a pinned core type instead (``mdu_dist.gemm``:
+matrix products, most of a step's time, to numpy's OpenBLAS at a pinned core type instead (``mdu_dist.cpu_kernels``:
 as fast as MKL's AVX2 branch, which ``COMPATIBLE`` is 2.6x slower than); ``avx2-intel`` keeps MKL's AVX2 branch
 for everything (the same bits only among Intel processors).
 """
@@ -83,9 +83,9 @@ def pin_process(cpu_isa: str) -> None:
     # oneDNN primitive (ONEDNN_VERBOSE=1 lists none); off, none can be chosen by a later torch either.
     torch.backends.mkldnn.enabled = False
     if CPU_ISAS.get(cpu_isa, (None,) * 5)[4]:
-        from mdu_dist.gemm import route_gemm
+        from mdu_dist.cpu_kernels import route_cpu_kernels
 
-        route_gemm()
+        route_cpu_kernels()
 
 
 def _mkl():
@@ -126,7 +126,7 @@ def numerics_info() -> dict:
     import numpy
     import torch
 
-    from mdu_dist.gemm import gemm_routed, openblas
+    from mdu_dist.cpu_kernels import kernels_routed, openblas
 
     try:
         from numpy._core._multiarray_umath import __cpu_features__
@@ -135,7 +135,7 @@ def numerics_info() -> dict:
     dispatched = [f for f in _numpy_dispatch() if __cpu_features__.get(f)]
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "numpy": numpy.__version__,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            **mkl_state(), **openblas(), "gemm_routed_to_openblas": gemm_routed(), "numpy_dispatch": dispatched,
+            **mkl_state(), **openblas(), "cpu_kernels_routed": kernels_routed(), "numpy_dispatch": dispatched,
             "mkldnn_enabled": torch.backends.mkldnn.enabled,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             **{k: os.environ.get(k) for k in PINNED_ENV}}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mdu_dist.adamw import PortableAdamW, correctly_rounded_sqrt
+from mdu_dist.adamw import PortableAdamW
+from mdu_dist.cpu_kernels import correctly_rounded_sqrt
 
 
 def _boundaries(r: np.float32) -> tuple[Fraction, Fraction]:

@@ -159,7 +159,8 @@ def test_quick_demo_matches_the_golden_file(quick_demo):
         where = first_difference(json.loads(got), json.loads(GOLDEN.read_text())) or "(formatting only)"
         pytest.fail(f"the quick demo's results.json differs from {GOLDEN.name} on this processor, {cpu_model()!r} "
                     f"(torch {info['torch']}, numpy {info['numpy']}, MKL branch {info.get('mkl_cbwr_branch')}, "
-                    f"ATen {info['cpu_capability']}); first difference at {where}")
+                    f"ATen {info['cpu_capability']}, {info.get('openblas_config')} running its "
+                    f"{info.get('openblas_corename')} kernels); first difference at {where}")
 
 
 def test_numerics_env_pins_every_library():

@@ -23,7 +23,7 @@ PACKAGE = Path(mdu_dist.__file__).parent
 # launch.config, eval.config) sit below config, which composes them; so do the kernels they import.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("mdu_dist", "mdu_dist.errors", "mdu_dist.checkpoint.errors", "mdu_dist.cpu_shim", "mdu_dist.numerics",
-                "mdu_dist.gemm",
+                "mdu_dist.cpu_kernels",
                 "mdu_dist.launch", "mdu_dist.eval")),
     ("sections and kernels", ("mdu_dist.data", "mdu_dist.diffusion", "mdu_dist.layout", "mdu_dist.pipeline",
                               "mdu_dist.monitor", "mdu_dist.losses", "mdu_dist.losses.*", "mdu_dist.methods",

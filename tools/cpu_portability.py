@@ -67,7 +67,8 @@ def _probe(cpu_isa: str) -> dict[str, str]:
     import torch
     import torch.nn.functional as F
 
-    from mdu_dist.adamw import PortableAdamW, correctly_rounded_sqrt
+    from mdu_dist.adamw import PortableAdamW
+    from mdu_dist.cpu_kernels import correctly_rounded_sqrt
     from mdu_dist.numerics import pin_process
 
     pin_process(cpu_isa)

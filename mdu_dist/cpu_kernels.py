@@ -1,5 +1,6 @@
-"""Matrix products through numpy's OpenBLAS at one pinned core type: a CPU GEMM that gives the same bits on any
-x86-64 processor with AVX2 and FMA, at the speed of MKL's AVX2 branch.
+"""CPU kernels that follow the processor, replaced by ones that do not: the matrix products through numpy's
+OpenBLAS at one pinned core type (the same bits on any x86-64 processor with AVX2 and FMA, at the speed of MKL's
+AVX2 branch), and the square root through numpy's (correctly rounded; torch's is MKL's, which is not).
 
 MKL's one processor-independent branch (``MKL_CBWR=COMPATIBLE``, SSE2) runs the demo's products about 2.6x
 slower than its AVX2 branch, and that branch holds on Intel processors only. OpenBLAS (the BLAS numpy's wheel
@@ -7,7 +8,7 @@ carries) picks kernels by core type; ``OPENBLAS_CORETYPE=Haswell`` fixes its AVX
 blocking (for that core P, Q and R are build constants, not read from the host's caches), so on one thread a
 product's summation order is the same on every such processor.
 
-``route_gemm`` registers CPU kernels for ``aten::mm``, ``addmm``, ``bmm`` and ``baddbmm`` that compute
+``route_cpu_kernels`` registers CPU kernels for ``aten::mm``, ``addmm``, ``bmm`` and ``baddbmm`` that compute
 float32 / float64 products with ``numpy.matmul`` (OpenBLAS's ?gemm; a transposed view goes to BLAS as a
 transpose flag, not a copy):
 
@@ -18,8 +19,14 @@ transpose flag, not a copy):
 
 with A B rounded once to the dtype before the scaling and the sum (ATen's elementwise kernels, pinned
 elsewhere). Gradients are autograd's formulas for these ops (dA = dY B^T, dB = A^T dY, dC = beta dY summed
-over broadcast dimensions), which call the same routed kernels. Other dtypes keep torch's kernels (through the
-ops' ``out=`` overloads, which the route does not replace).
+over broadcast dimensions), which call the same routed kernels.
+
+It also registers ``aten::sqrt`` and ``aten::pow(Tensor, Scalar)`` at exponent 0.5 (which ATen computes with
+its sqrt kernel; DeepSpeed takes its gradient norm so): torch's float32 / float64 CPU root is MKL's vector
+maths, an ulp off in ~17 % of float32 elements and differently on another processor, so clipping by that norm
+scaled every gradient differently. Here it is ``correctly_rounded_sqrt`` (gradient: autograd's, dx = dy / (2
+sqrt(x)), through the same routed root). Other dtypes and exponents keep torch's kernels (through the ops'
+``out=`` overloads, which the route does not replace).
 """
 
 from __future__ import annotations
@@ -35,6 +42,21 @@ import torch
 OPENBLAS_CORE = "Haswell"  # AVX2 + FMA: what ATEN_CPU_CAPABILITY=avx2 also assumes of the host
 _ROUTED = (torch.float32, torch.float64)
 _library = None  # the registration: kept alive for the process, as the route's lifetime
+
+
+def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` rounded to nearest in ``x``'s dtype (float32 or float64), on every x86-64 processor.
+
+    On CPU it is numpy's ``sqrt`` ufunc on ``x``'s memory: its loops (baseline, AVX2 or AVX-512) are the hardware
+    square-root instructions, which IEEE 754 requires to round correctly. CUDA's root is correctly rounded
+    already. No gradient of its own (autograd's sqrt formula applies where the route calls it)."""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    if x.dtype not in _ROUTED:
+        raise TypeError(f"correctly_rounded_sqrt: float32 or float64, not {x.dtype}")
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    np.sqrt(x.detach().numpy(), out=out.numpy())  # out=: a 0-dim root stays an array, not a numpy scalar
+    return out
 
 
 def openblas() -> dict:
@@ -103,12 +125,26 @@ def baddbmm(c, a, b, *, beta=1, alpha=1):
     return _scaled_sum(_matmul(a, b), c, beta, alpha)
 
 
-def gemm_routed() -> bool:
+def sqrt(x):
+    if not _routed(x):
+        return torch.ops.aten.sqrt.out(x, out=torch.empty_like(x, dtype=torch.result_type(x, 1.0)))
+    return correctly_rounded_sqrt(x)
+
+
+def pow_scalar(x, exponent):
+    if exponent == 0.5 and _routed(x) and not isinstance(exponent, complex):
+        return correctly_rounded_sqrt(x)
+    return torch.ops.aten.pow.Tensor_Scalar_out(x, exponent, out=torch.empty_like(
+        x, dtype=torch.result_type(x, exponent)))
+
+
+def kernels_routed() -> bool:
     return _library is not None
 
 
-def route_gemm() -> dict:
-    """Send this process's CPU matrix products to numpy's OpenBLAS (idempotent). The environment must have set
+def route_cpu_kernels() -> dict:
+    """Send this process's CPU matrix products to numpy's OpenBLAS and its square roots to numpy's (idempotent).
+    The environment must have set
     ``OPENBLAS_CORETYPE`` before numpy loaded (``numerics.numerics_env``); refuses when OpenBLAS runs another
     core (a processor without AVX2 and FMA: use ``cpu_isa: default``). Returns ``openblas()``."""
     global _library
@@ -121,7 +157,8 @@ def route_gemm() -> dict:
         library = torch.library.Library("aten", "IMPL")
         with warnings.catch_warnings():  # "Overriding a previously registered kernel": the point of the route
             warnings.simplefilter("ignore", UserWarning)
-            for name, kernel in (("mm", mm), ("bmm", bmm), ("addmm", addmm), ("baddbmm", baddbmm)):
+            for name, kernel in (("mm", mm), ("bmm", bmm), ("addmm", addmm), ("baddbmm", baddbmm), ("sqrt", sqrt),
+                                 ("pow.Tensor_Scalar", pow_scalar)):
                 library.impl(name, kernel, "CPU")
         _library = library
     return info
