@@ -144,9 +144,9 @@ def kernels_routed() -> bool:
 
 def route_cpu_kernels() -> dict:
     """Send this process's CPU matrix products to numpy's OpenBLAS and its square roots to numpy's (idempotent).
-    The environment must have set
-    ``OPENBLAS_CORETYPE`` before numpy loaded (``numerics.numerics_env``); refuses when OpenBLAS runs another
-    core (a processor without AVX2 and FMA: use ``cpu_isa: default``). Returns ``openblas()``."""
+    The environment must have set ``OPENBLAS_CORETYPE`` before numpy loaded (``numerics.numerics_env``); refuses
+    when OpenBLAS runs another core (a processor without AVX2 and FMA: use ``cpu_isa: default``). Returns
+    ``openblas()``."""
     global _library
     info = openblas()
     if info.get("openblas_corename", "").lower() != OPENBLAS_CORE.lower():
